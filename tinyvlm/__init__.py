@@ -1,0 +1,1 @@
+"""Deterministic tiny vision-language checkpoints for the default server, tests and benchmarks."""
