@@ -1,0 +1,36 @@
+# vlm-servicer: `make serve` and `make test` each set up what they need on first use.
+VENV  ?= .venv
+PY    := $(VENV)/bin/python
+MODEL ?= models/tiny-qwen2-vl
+HOST  ?= 127.0.0.1
+PORT  ?= 50051
+ARGS  ?=
+PYTEST_ARGS ?=
+
+SETUP_STAMP := $(VENV)/.vlm-servicer-setup
+PROTO_OUT   := proto/vlm_proto/vllm_engine_pb2.py
+
+.PHONY: setup model serve test bench clean
+
+setup: $(SETUP_STAMP) $(PROTO_OUT)
+
+$(SETUP_STAMP): pyproject.toml scripts/setup_venv.sh scripts/fix_torchvision.py
+	bash scripts/setup_venv.sh $(VENV)
+	touch $@
+
+$(PROTO_OUT): proto/vlm_proto/*.proto $(SETUP_STAMP)
+	$(PY) -m grpc_tools.protoc -I proto --python_out=proto --pyi_out=proto --grpc_python_out=proto proto/vlm_proto/*.proto
+
+model: $(MODEL)/RECIPE
+
+$(MODEL)/RECIPE: tinyvlm/*.py | setup
+	$(PY) -m tinyvlm.build --out $(MODEL)
+
+serve: setup model
+	$(VENV)/bin/vlm-servicer serve --model $(MODEL) --host $(HOST) --port $(PORT) $(ARGS)
+
+test: setup model
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) models proto/vlm_proto/*_pb2*.py proto/vlm_proto/*_pb2.pyi

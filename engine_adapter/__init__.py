@@ -1,0 +1,1 @@
+"""The only package that imports vLLM: engine lifecycle, prompt construction, output mapping."""

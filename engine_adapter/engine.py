@@ -1,0 +1,124 @@
+"""The vLLM engine behind the servicer: start, generate, abort, inspect, stop.
+
+The servicer talks to this class only through engine_adapter.types, so it never
+sees a vLLM object.
+"""
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Sequence
+
+import vllm
+from vllm.engine.arg_utils import AsyncEngineArgs
+from vllm.exceptions import VLLMClientError
+from vllm.utils.argparse_utils import FlexibleArgumentParser
+from vllm.v1.engine.async_llm import AsyncLLM
+from vllm.v1.engine.exceptions import EngineDeadError as VllmEngineDeadError
+from vllm.v1.metrics.loggers import StatLoggerBase
+
+from engine_adapter.errors import EngineDeadError, EngineRequestError
+from engine_adapter.info import model_info, pixel_norm
+from engine_adapter.outputs import to_step_output
+from engine_adapter.pixels import prepare_pixels
+from engine_adapter.prompt import build_engine_input
+from engine_adapter.sampling import to_sampling_params
+from engine_adapter.types import EngineRequest, EngineStats, ModelInfo, StepOutput
+
+logger = logging.getLogger(__name__)
+
+
+def parse_engine_args(model: str, argv: Sequence[str]) -> AsyncEngineArgs:
+    """vLLM's own engine flags, parsed by vLLM's own parser (raises SystemExit on bad flags)."""
+    parser = AsyncEngineArgs.add_cli_args(FlexibleArgumentParser(prog="vlm-servicer serve"))
+    namespace = parser.parse_args(["--model", model, *argv])
+    return AsyncEngineArgs.from_cli_args(namespace)
+
+
+class _StatsRecorder(StatLoggerBase):
+    """Keeps the latest scheduler figures in an EngineStats the servicer can read."""
+
+    def __init__(self, stats: EngineStats):
+        self.stats = stats
+
+    def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx=0):
+        if scheduler_stats is None:
+            return
+        self.stats.num_running = scheduler_stats.num_running_reqs
+        self.stats.num_waiting = scheduler_stats.num_waiting_reqs
+        self.stats.kv_cache_usage = scheduler_stats.kv_cache_usage
+        prefix = scheduler_stats.prefix_cache_stats
+        self.stats.prefix_cache_queries += prefix.queries
+        self.stats.prefix_cache_hits += prefix.hits
+
+    def log_engine_initialized(self):
+        pass
+
+
+class Engine:
+    """One AsyncLLM and what the servicer needs from it."""
+
+    def __init__(self, llm: AsyncLLM, stats: EngineStats):
+        self._llm = llm
+        self.stats = stats
+        self.info: ModelInfo = model_info(llm.vllm_config)
+        self._norm = pixel_norm(llm.vllm_config)
+        self._mm_processor = llm.renderer.get_mm_processor() if self.info.supports_vision else None
+        self.version = vllm.__version__
+
+    @classmethod
+    def start(cls, args: AsyncEngineArgs) -> "Engine":
+        """Build the engine (blocking: ~30 s on CPU). Call under `if __name__ == "__main__"`."""
+        stats = EngineStats()
+        llm = AsyncLLM.from_engine_args(args, stat_loggers=[lambda config, index=0: _StatsRecorder(stats)])
+        return cls(llm, stats)
+
+    def prepare_pixels(self, pixels):
+        """Pixels as the vision tower takes them (CPU-bound: call off the event loop)."""
+        return prepare_pixels(pixels, self._norm, self.info.device_normalizes_pixels, self.info.dtype)
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[StepOutput]:
+        """Run one request, yielding per-step deltas.
+
+        Cancelling the consumer aborts the request in the engine (vLLM's generate does
+        it on CancelledError/GeneratorExit); engine death and rejected inputs surface
+        as our own error types.
+        """
+        sampling = to_sampling_params(request.sampling)
+        engine_input = build_engine_input(request, self._mm_processor)
+        first = True
+        try:
+            async for output in self._llm.generate(engine_input, sampling, request.request_id):
+                yield to_step_output(output, request.sampling.logprobs, request.sampling.prompt_logprobs, first)
+                first = False
+        except VllmEngineDeadError as exc:
+            raise EngineDeadError(str(exc)) from exc
+        except VLLMClientError as exc:
+            raise EngineRequestError(str(exc)) from exc
+
+    async def abort(self, request_ids: Sequence[str]) -> None:
+        await self._llm.abort(list(request_ids))
+
+    async def reset_prefix_cache(self) -> bool:
+        return await self._llm.reset_prefix_cache()
+
+    def num_unfinished_requests(self) -> int:
+        """Requests the engine's front end still tracks (0 once everything ended or aborted)."""
+        return self._llm.get_num_unfinished_requests()
+
+    @property
+    def is_healthy(self) -> bool:
+        return not self._llm.errored
+
+    async def check_health(self) -> None:
+        try:
+            await self._llm.check_health()
+        except Exception as exc:  # any failure here means the engine core is gone
+            raise EngineDeadError(str(exc)) from exc
+
+    def shutdown(self) -> None:
+        self._llm.shutdown()
+
+
+async def start_engine(args: AsyncEngineArgs) -> Engine:
+    """Start the engine in a worker thread so the caller's event loop keeps running."""
+    return await asyncio.to_thread(Engine.start, args)

@@ -1,0 +1,64 @@
+"""Read what the servicer must know about the model from vLLM's resolved config."""
+
+from vllm.config import VllmConfig
+from vllm.model_executor.layers.fusion.mm_input_norm import _load_norm_params
+
+from engine_adapter.pixels import PixelNorm
+from engine_adapter.types import ModelInfo
+
+
+def _token_ids(value) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    return tuple(value) if isinstance(value, (list, tuple)) else (int(value),)
+
+
+def _patch_dim(vision) -> int:
+    if vision is None:
+        return 0
+    channels = getattr(vision, "in_channels", None) or getattr(vision, "in_chans", 3)
+    return channels * getattr(vision, "temporal_patch_size", 1) * getattr(vision, "patch_size", 14) ** 2
+
+
+def model_info(config: VllmConfig) -> ModelInfo:
+    model = config.model_config
+    hf = model.hf_config
+    text = hf.get_text_config()
+    vision = getattr(hf, "vision_config", None)
+    mm = model.multimodal_config
+    limits = {}
+    if mm is not None:
+        limits = {m: mm.get_limit_per_prompt(m) for m in ("image", "video")}
+        limits = {m: n for m, n in limits.items() if n > 0}
+    eos = _token_ids(getattr(text, "eos_token_id", None) or getattr(hf, "eos_token_id", None))
+    return ModelInfo(
+        model_path=model.model,
+        served_model_name=model.served_model_name or model.model,
+        model_type=hf.model_type,
+        architectures=tuple(model.architectures),
+        max_model_len=model.max_model_len,
+        vocab_size=model.get_vocab_size(),
+        eos_token_ids=eos,
+        bos_token_id=int(getattr(text, "bos_token_id", None) or -1),
+        pad_token_id=int(getattr(text, "pad_token_id", None) or -1),
+        image_token_id=getattr(hf, "image_token_id", None),
+        spatial_merge_size=getattr(vision, "spatial_merge_size", 1) if vision is not None else 1,
+        patch_dim=_patch_dim(vision),
+        supports_vision=model.is_multimodal_model,
+        mm_item_limits=limits,
+        device_normalizes_pixels=bool(mm is not None and mm.mm_device_do_normalize),
+        dtype=model.dtype,
+        kv_cache_dtype=str(config.cache_config.cache_dtype),
+        block_size=config.cache_config.block_size or 0,
+        max_num_seqs=config.scheduler_config.max_num_seqs,
+        data_parallel_size=config.parallel_config.data_parallel_size,
+        max_logprobs=model.max_logprobs,
+    )
+
+
+def pixel_norm(config: VllmConfig) -> PixelNorm | None:
+    """The engine's own resolution of rescale/mean/std (what its device-side norm applies)."""
+    if not config.model_config.is_multimodal_model:
+        return None
+    params = _load_norm_params(config.model_config)
+    return PixelNorm(tuple(params.image_mean), tuple(params.image_std), params.rescale_factor)

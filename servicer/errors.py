@@ -1,0 +1,55 @@
+"""Typed request errors and the one place they become gRPC status codes.
+
+Validation raises these where it happens; `status_for` is the only mapping from
+an exception to a gRPC code, used by every RPC through `servicer.handlers`.
+Anything that is not one of these is our bug: INTERNAL, never blamed on the client.
+"""
+
+import grpc
+
+from engine_adapter.errors import EngineDeadError, EngineRequestError
+
+
+class ServicerError(Exception):
+    """Base of the errors a client can act on. `metadata` goes into trailing metadata."""
+
+    code = grpc.StatusCode.INTERNAL
+
+    def __init__(self, message: str, metadata: tuple[tuple[str, str], ...] = ()):
+        super().__init__(message)
+        self.metadata = metadata
+
+
+class InvalidArgument(ServicerError):
+    """The request is malformed; the message names the field."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class ResourceExhausted(ServicerError):
+    """The request is valid but over a configured limit."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class FailedPrecondition(ServicerError):
+    """The request refers to state this servicer does not hold (e.g. an unknown image)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class Unavailable(ServicerError):
+    """The engine is not (or no longer) able to serve."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]]:
+    """(code, message, trailing metadata) for an exception raised while serving an RPC."""
+    if isinstance(exc, ServicerError):
+        return exc.code, str(exc), exc.metadata
+    if isinstance(exc, EngineDeadError):
+        return grpc.StatusCode.UNAVAILABLE, f"engine is not running: {exc}", ()
+    if isinstance(exc, EngineRequestError):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc), ()
+    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}", ()

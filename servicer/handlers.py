@@ -1,0 +1,213 @@
+"""The VllmEngine RPCs. Thin: validation lives in requests.py, the engine behind engine_adapter.
+
+Every RPC goes through `_guard`/`_fail`, the single place an exception becomes a
+gRPC status (via errors.status_for). Cancellation is handled once, in Generate:
+a client that cancels or disconnects cancels the handler task, which closes the
+engine stream, which aborts the request in the engine.
+"""
+
+import asyncio
+import functools
+import logging
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import grpc
+
+from engine_adapter.engine import Engine
+from servicer.config import ServerConfig
+from servicer.errors import InvalidArgument, ResourceExhausted, status_for
+from servicer.requests import to_engine_request
+from servicer.responses import Accumulator, StreamEncoder
+from vlm_proto import common_pb2, vllm_engine_pb2 as pb, vllm_engine_pb2_grpc as pb_grpc
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class InFlight:
+    """Per-request state while a Generate call runs."""
+
+    request_id: str
+    started: float
+    stream: bool
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    finish_reason: str = ""
+
+
+async def _fail(context: grpc.aio.ServicerContext, exc: BaseException, what: str) -> None:
+    code, message, metadata = status_for(exc)
+    if code == grpc.StatusCode.INTERNAL:
+        logger.exception("%s failed", what, exc_info=exc)
+    else:
+        logger.info("%s refused: %s %s", what, code.name, message)
+    await context.abort(code, message, trailing_metadata=metadata)
+
+
+def _guard(rpc):
+    """Map any exception a unary RPC raises to its status, through `_fail`."""
+
+    @functools.wraps(rpc)
+    async def wrapper(self, request, context):
+        try:
+            return await rpc(self, request, context)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if isinstance(exc, grpc.aio.AbortError):
+                raise
+            await _fail(context, exc, rpc.__name__)
+
+    return wrapper
+
+
+class VllmEngineServicer(pb_grpc.VllmEngineServicer):
+    def __init__(self, engine: Engine, config: ServerConfig):
+        self.engine = engine
+        self.config = config
+        self.in_flight: dict[str, InFlight] = {}
+        self.started = time.time()
+        self.last_receive = 0.0
+        self._decode_pool = ThreadPoolExecutor(config.decode_workers, thread_name_prefix="decode")
+
+    def close(self) -> None:
+        self._decode_pool.shutdown(wait=False, cancel_futures=True)
+
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
+        self.last_receive = time.time()
+        request_id = request.request_id or uuid.uuid4().hex
+        state = InFlight(request_id, time.monotonic(), request.stream)
+        try:
+            self._admit(request_id)
+            self.in_flight[request_id] = state
+            engine_request = await asyncio.get_running_loop().run_in_executor(
+                self._decode_pool, to_engine_request, request, request_id, self.engine.info,
+                self.config.max_n, self.engine.prepare_pixels,
+            )
+            state.prompt_tokens = len(engine_request.prompt_ids)
+            encoder = StreamEncoder(request.tokenized.input_ids) if request.stream else None
+            accumulated = Accumulator(request.tokenized.input_ids) if not request.stream else None
+            async for step in self.engine.generate(engine_request):
+                state.cached_tokens = step.cached_tokens
+                state.completion_tokens += sum(len(s.token_ids) for s in step.samples)
+                state.finish_reason = next((s.finish_reason for s in step.samples if s.finish_reason), state.finish_reason)
+                if encoder is not None:
+                    for response in encoder.encode(step):
+                        yield response
+                else:
+                    accumulated.add(step)
+            if accumulated is not None:
+                for response in accumulated.completes():
+                    yield response
+        except asyncio.CancelledError:
+            state.finish_reason = "cancelled"
+            raise
+        except Exception as exc:
+            if isinstance(exc, grpc.aio.AbortError):
+                raise
+            state.finish_reason = "error"
+            await _fail(context, exc, f"Generate {request_id}")
+        finally:
+            if self.in_flight.get(request_id) is state:
+                del self.in_flight[request_id]
+            logger.info(
+                "request %s done: finish=%s prompt=%d cached=%d completion=%d stream=%s %.1f ms",
+                request_id, state.finish_reason or "-", state.prompt_tokens, state.cached_tokens,
+                state.completion_tokens, state.stream, (time.monotonic() - state.started) * 1e3,
+            )
+
+    def _admit(self, request_id: str) -> None:
+        if request_id in self.in_flight:
+            raise InvalidArgument(f"request_id: '{request_id}' is already in flight")
+        if len(self.in_flight) >= self.config.max_concurrent_requests:
+            raise ResourceExhausted(
+                f"{len(self.in_flight)} requests in flight: at the limit of --max-concurrent-requests "
+                f"{self.config.max_concurrent_requests}"
+            )
+
+    @_guard
+    async def Abort(self, request: pb.AbortRequest, context) -> pb.AbortResponse:
+        known = [rid for rid in request.request_ids if rid in self.in_flight]
+        if known:
+            await self.engine.abort(known)
+        logger.info("abort requested for %s (%d in flight)", list(request.request_ids), len(known))
+        return pb.AbortResponse()
+
+    @_guard
+    async def HealthCheck(self, request, context) -> pb.HealthCheckResponse:
+        if not self.engine.is_healthy:
+            return pb.HealthCheckResponse(healthy=False, message="engine is not running")
+        await self.engine.check_health()
+        return pb.HealthCheckResponse(healthy=True, message="ok")
+
+    @_guard
+    async def GetModelInfo(self, request, context) -> pb.GetModelInfoResponse:
+        info = self.engine.info
+        return pb.GetModelInfoResponse(
+            model_path=info.model_path,
+            is_generation=True,
+            max_context_length=info.max_model_len,
+            vocab_size=info.vocab_size,
+            supports_vision=info.supports_vision,
+            served_model_name=info.served_model_name,
+            tokenizer_path=info.model_path,
+            model_type=info.model_type,
+            architectures=info.architectures,
+            eos_token_ids=info.eos_token_ids,
+            pad_token_id=info.pad_token_id,
+            bos_token_id=info.bos_token_id,
+            max_req_input_len=info.max_model_len - 1,
+        )
+
+    @_guard
+    async def GetServerInfo(self, request, context) -> pb.GetServerInfoResponse:
+        info = self.engine.info
+        return pb.GetServerInfoResponse(
+            active_requests=len(self.in_flight),
+            last_receive_timestamp=self.last_receive,
+            uptime_seconds=time.time() - self.started,
+            server_type="vlm-servicer",
+            data_parallel_size=info.data_parallel_size,
+            shm_namespace_id="",  # inline transport only (shared memory is not served yet)
+            kv_cache_dtype=info.kv_cache_dtype,
+            block_size=info.block_size,
+            model_dtype=str(info.dtype),
+            mm_device_do_normalize=info.supports_vision,  # raw uint8 pixels welcome (see pixels.py)
+            max_num_seqs=info.max_num_seqs,
+            mm_item_limits=",".join(f"{m}={n}" for m, n in sorted(info.mm_item_limits.items()) if m == "image"),
+            multimodal_encoder_dtype=str(info.dtype).removeprefix("torch."),
+        )
+
+    @_guard
+    async def GetLoads(self, request, context) -> pb.GetLoadsResponse:
+        stats = self.engine.stats
+        unfinished = self.engine.num_unfinished_requests()
+        load = pb.SchedulerLoad(
+            dp_rank=0,
+            num_running_reqs=stats.num_running if unfinished else 0,
+            num_waiting_reqs=stats.num_waiting if unfinished else 0,
+            num_total_reqs=unfinished,
+            token_usage=stats.kv_cache_usage,
+            cache_hit_rate=stats.prefix_cache_hit_rate,
+            max_running_requests=self.engine.info.max_num_seqs,
+        )
+        return pb.GetLoadsResponse(
+            timestamp=datetime.now(timezone.utc).isoformat(), version=self.engine.version, dp_rank_count=1, loads=[load]
+        )
+
+    @_guard
+    async def FlushCache(self, request: common_pb2.FlushCacheRequest, context) -> common_pb2.FlushCacheResponse:
+        deadline = time.monotonic() + max(request.timeout_s, 0.0)
+        while True:
+            if await self.engine.reset_prefix_cache():
+                return common_pb2.FlushCacheResponse(success=True, message="prefix cache flushed")
+            if time.monotonic() >= deadline:
+                return common_pb2.FlushCacheResponse(
+                    success=False, message="requests still hold cache blocks; retry or pass timeout_s"
+                )
+            await asyncio.sleep(0.05)

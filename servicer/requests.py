@@ -1,0 +1,116 @@
+"""GenerateRequest -> EngineRequest: every check a client can fail, each naming its field."""
+
+from collections.abc import Callable
+
+import torch
+
+from engine_adapter.types import EngineRequest, ModelInfo, SamplingOptions
+from servicer.errors import InvalidArgument, ResourceExhausted
+from servicer.multimodal import decode_images
+from vlm_proto import vllm_engine_pb2 as pb
+
+
+def _refuse_unsupported(request: pb.GenerateRequest) -> None:
+    """Options of the contract this servicer does not serve are refused by name, never ignored."""
+    sp = request.sampling_params
+    unsupported = {
+        "text": request.WhichOneof("input") == "text",
+        "kv_transfer_params": request.HasField("kv_transfer_params"),
+        "kv_transfer_params_json": request.HasField("kv_transfer_params_json"),
+        "data_parallel_rank": request.HasField("data_parallel_rank") and request.data_parallel_rank != 0,
+        "media_refs": request.HasField("media_refs"),
+        "extra_mm_inputs": len(request.extra_mm_inputs) > 0,
+        "sampling_params.stop": len(sp.stop) > 0,
+        f"sampling_params.{sp.WhichOneof('constraint')}": sp.WhichOneof("constraint") is not None,
+        "sampling_params.truncate_prompt_tokens": sp.HasField("truncate_prompt_tokens"),
+    }
+    named = [name for name, present in unsupported.items() if present]
+    if named:
+        raise InvalidArgument(
+            f"{', '.join(named)}: not supported by this token-in/token-out servicer "
+            "(send token ids; stop strings, structured outputs and KV transfer are not served)"
+        )
+
+
+def _check_ids(ids: list[int], info: ModelInfo) -> None:
+    if not ids:
+        raise InvalidArgument("tokenized.input_ids: empty prompt")
+    bad = next((i for i, t in enumerate(ids) if t >= info.vocab_size), None)
+    if bad is not None:
+        raise InvalidArgument(
+            f"tokenized.input_ids[{bad}]: token id {ids[bad]} is outside the vocabulary (size {info.vocab_size})"
+        )
+
+
+def _check_length(ids: list[int], info: ModelInfo) -> None:
+    if len(ids) >= info.max_model_len:
+        raise InvalidArgument(
+            f"tokenized.input_ids: prompt of {len(ids)} tokens leaves no room in the context of {info.max_model_len}"
+        )
+
+
+def sampling_options(sp: pb.SamplingParams, prompt_len: int, info: ModelInfo, max_n: int) -> SamplingOptions:
+    """Resolve proto defaults (0 = unset for top_p, repetition_penalty, n) and enforce limits."""
+    room = info.max_model_len - prompt_len
+    max_tokens = sp.max_tokens if sp.HasField("max_tokens") else room
+    if max_tokens > room:
+        raise ResourceExhausted(
+            f"sampling_params.max_tokens: {max_tokens} exceeds the {room} tokens left after a "
+            f"{prompt_len}-token prompt (context {info.max_model_len})"
+        )
+    if max_tokens < 1:
+        raise InvalidArgument("sampling_params.max_tokens: must be at least 1")
+    n = sp.n or 1
+    if n > max_n:
+        raise ResourceExhausted(f"sampling_params.n: {n} exceeds this servicer's limit of {max_n}")
+    for name in ("logprobs", "prompt_logprobs"):
+        if sp.HasField(name) and (getattr(sp, name) > info.max_logprobs or getattr(sp, name) < -1):
+            raise ResourceExhausted(
+                f"sampling_params.{name}: {getattr(sp, name)} is outside [-1, {info.max_logprobs}] (engine --max-logprobs)"
+            )
+    if sp.min_tokens > max_tokens:
+        raise InvalidArgument(f"sampling_params.min_tokens: {sp.min_tokens} exceeds max_tokens {max_tokens}")
+    bad_stop = [t for t in sp.stop_token_ids if t >= info.vocab_size]
+    if bad_stop:
+        raise InvalidArgument(f"sampling_params.stop_token_ids: {bad_stop} outside the vocabulary (size {info.vocab_size})")
+    return SamplingOptions(
+        max_tokens=max_tokens,
+        temperature=sp.temperature if sp.HasField("temperature") else 1.0,
+        top_p=sp.top_p or 1.0,
+        top_k=sp.top_k,
+        min_p=sp.min_p,
+        frequency_penalty=sp.frequency_penalty,
+        presence_penalty=sp.presence_penalty,
+        repetition_penalty=sp.repetition_penalty or 1.0,
+        min_tokens=sp.min_tokens,
+        stop_token_ids=tuple(sp.stop_token_ids),
+        ignore_eos=sp.ignore_eos,
+        n=n,
+        logprobs=sp.logprobs if sp.HasField("logprobs") else None,
+        prompt_logprobs=sp.prompt_logprobs if sp.HasField("prompt_logprobs") else None,
+        seed=sp.seed if sp.HasField("seed") else None,
+        logit_bias=dict(sp.logit_bias),
+    )
+
+
+def to_engine_request(
+    request: pb.GenerateRequest,
+    request_id: str,
+    info: ModelInfo,
+    max_n: int,
+    prepare_pixels: Callable[[torch.Tensor], torch.Tensor],
+) -> EngineRequest:
+    """Validate and convert; blocking (tensor decode, hashing): call off the event loop."""
+    _refuse_unsupported(request)
+    if request.WhichOneof("input") != "tokenized":
+        raise InvalidArgument("tokenized: missing (this servicer takes token ids)")
+    ids = list(request.tokenized.input_ids)
+    _check_ids(ids, info)
+    images = ()
+    if request.HasField("mm_inputs"):
+        if not info.supports_vision:
+            raise InvalidArgument(f"mm_inputs: model {info.served_model_name} takes no images")
+        ids, images = decode_images(request.mm_inputs, ids, info, prepare_pixels)
+    _check_length(ids, info)
+    sampling = sampling_options(request.sampling_params, len(ids), info, max_n)
+    return EngineRequest(request_id=request_id, prompt_ids=tuple(ids), sampling=sampling, images=tuple(images))

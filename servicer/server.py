@@ -1,0 +1,83 @@
+"""Server lifecycle: create_server() builds it around a started engine; serve() runs it until a signal."""
+
+import asyncio
+import logging
+import signal
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from engine_adapter.engine import Engine, parse_engine_args, start_engine
+from servicer.config import ServerConfig
+from servicer.handlers import VllmEngineServicer
+from vlm_proto import vllm_engine_pb2 as pb, vllm_engine_pb2_grpc as pb_grpc
+
+logger = logging.getLogger(__name__)
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["VllmEngine"].full_name
+ENGINE_WATCH_INTERVAL_S = 1.0
+
+
+class Server:
+    """The gRPC server, its servicer and health state, bound to one engine."""
+
+    def __init__(self, config: ServerConfig, engine: Engine):
+        limit = config.max_message_mb * 1024 * 1024
+        self.grpc = grpc.aio.server(
+            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
+        )
+        self.servicer = VllmEngineServicer(engine, config)
+        self.health = health.aio.HealthServicer()
+        pb_grpc.add_VllmEngineServicer_to_server(self.servicer, self.grpc)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
+        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc)
+        self.port = self.grpc.add_insecure_port(f"{config.host}:{config.port}")
+        self.engine = engine
+        self.config = config
+
+    async def start(self) -> None:
+        await self.grpc.start()
+        await self._set_serving(health_pb2.HealthCheckResponse.SERVING)
+        logger.info("serving %s on %s:%d", self.engine.info.served_model_name, self.config.host, self.port)
+
+    async def _set_serving(self, status) -> None:
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+
+    async def stop(self) -> None:
+        """NOT_SERVING, then let in-flight calls finish within the grace period."""
+        await self._set_serving(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.grpc.stop(self.config.shutdown_grace_s)
+        self.servicer.close()
+
+    async def watch_engine(self) -> None:
+        """Return when the engine has died (the caller then stops and exits non-zero)."""
+        while self.engine.is_healthy:
+            await asyncio.sleep(ENGINE_WATCH_INTERVAL_S)
+        logger.error("engine died; going NOT_SERVING")
+
+
+async def create_server(config: ServerConfig, engine: Engine) -> Server:
+    server = Server(config, engine)
+    await server.start()
+    return server
+
+
+async def serve(config: ServerConfig) -> int:
+    """Start the engine, then the server; run until SIGINT/SIGTERM or engine death. Returns the exit code."""
+    engine = await start_engine(parse_engine_args(config.model, config.engine_args))
+    server = await create_server(config, engine)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    watcher = asyncio.create_task(server.watch_engine())
+    stopper = asyncio.create_task(stop.wait())
+    await asyncio.wait({watcher, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    engine_died = watcher.done()
+    watcher.cancel()
+    stopper.cancel()
+    logger.info("shutting down (%s)", "engine died" if engine_died else "signal")
+    await server.stop()
+    engine.shutdown()
+    return 1 if engine_died else 0
