@@ -1,0 +1,54 @@
+"""Builders shared by the tests: tiny-model paths, images, tensors and requests."""
+
+import pathlib
+
+import numpy as np
+import torch
+from PIL import Image
+
+from vlm_proto import vllm_engine_pb2 as pb
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+MODEL = ROOT / "models" / "tiny-qwen2-vl"
+# CPU-engine flags for the tiny model: float32 for HF parity, a small KV reservation.
+ENGINE_ARGS = (
+    "--dtype", "float32", "--max-model-len", "4096", "--enforce-eager",
+    "--kv-cache-memory-bytes", str(1 << 30), "--limit-mm-per-prompt", '{"image": 8, "video": 0}',
+)
+
+
+def image(width: int, height: int, seed: int) -> Image.Image:
+    """A deterministic noise-and-gradient RGB image."""
+    rng = np.random.RandomState(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([x * 255 // max(width - 1, 1), y * 255 // max(height - 1, 1), (x + y) % 256], -1)
+    noise = rng.randint(0, 64, size=(height, width, 3))
+    return Image.fromarray(((base + noise) % 256).astype(np.uint8))
+
+
+def tensor(t: torch.Tensor, dtype: str | None = None) -> pb.TensorData:
+    """Inline little-endian TensorData; `dtype` overrides the name (bfloat16 via its raw bits)."""
+    t = t.contiguous()
+    name = dtype or str(t.dtype).removeprefix("torch.")
+    raw = t.view(torch.int16) if t.dtype == torch.bfloat16 else t
+    return pb.TensorData(shape=list(t.shape), dtype=name, inline=raw.numpy().tobytes())
+
+
+def mm_inputs(pixel_values: torch.Tensor, grid: torch.Tensor, **extra) -> pb.MultimodalInputs:
+    return pb.MultimodalInputs(
+        pixel_values=tensor(pixel_values),
+        model_specific_tensors={"image_grid_thw": tensor(grid.to(torch.int64))},
+        **extra,
+    )
+
+
+def request(ids, request_id: str = "", mm=None, stream: bool = False, **sampling) -> pb.GenerateRequest:
+    req = pb.GenerateRequest(
+        request_id=request_id,
+        tokenized=pb.TokenizedInput(input_ids=list(ids)),
+        sampling_params=pb.SamplingParams(**sampling),
+        stream=stream,
+    )
+    if mm is not None:
+        req.mm_inputs.CopyFrom(mm)
+    return req
