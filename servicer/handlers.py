@@ -90,8 +90,11 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
                 self.config.max_n, self.engine.prepare_pixels,
             )
             state.prompt_tokens = len(engine_request.prompt_ids)
-            encoder = StreamEncoder(request.tokenized.input_ids) if request.stream else None
-            accumulated = Accumulator(request.tokenized.input_ids) if not request.stream else None
+            # Prompt logprobs are reported against the prompt as the engine ran it (placeholders
+            # expanded), with the caller's own token ids.
+            prompt_ids = engine_request.prompt_ids
+            encoder = StreamEncoder(prompt_ids) if request.stream else None
+            accumulated = Accumulator(prompt_ids) if not request.stream else None
             async for step in self.engine.generate(engine_request):
                 state.cached_tokens = step.cached_tokens
                 state.completion_tokens += sum(len(s.token_ids) for s in step.samples)

@@ -31,14 +31,22 @@ def _from_ranges(ids: list[int], pad_id: int, ranges: list[tuple[int, int]], exp
         if length == want:
             placements.append(Placement(offset, length, None))
             continue
-        # A range wider than the image: its embeddings sit on the pad tokens inside it.
+        # A range wider than the image (e.g. including <|vision_start|>/<|vision_end|>):
+        # its embeddings sit on the pad tokens inside it.
         mask = tuple(t == pad_id for t in ids[offset:end_prev])
         if sum(mask) != want:
             raise InvalidArgument(
                 f"{field}: range has {length} tokens ({sum(mask)} image pad tokens) "
                 f"but image {i}'s grid implies {want} embeddings"
             )
-        placements.append(Placement(offset, length, mask))
+        first = mask.index(True)
+        if all(mask[first:first + want]):
+            # One contiguous run: narrow the range to it. vLLM derives M-RoPE positions
+            # from the range's offset, so a range starting on a structural token would
+            # shift every position of the image by one.
+            placements.append(Placement(offset + first, want, None))
+        else:
+            placements.append(Placement(offset, length, mask))
     return placements
 
 

@@ -27,7 +27,10 @@ def test_given_ranges_are_kept_and_structural_tokens_masked():
     _, exact = place_images(ids, PAD, [2], [(2, 2)])
     assert exact == [Placement(2, 2, None)]
     _, wide = place_images(ids, PAD, [2], [(1, 4)])
-    assert wide == [Placement(1, 4, (False, True, True, False))]
+    assert wide == [Placement(2, 2, None)]  # narrowed to the pad run (M-RoPE keys on the offset)
+    split = [1, VS, PAD, 5, PAD, VE]
+    _, masked = place_images(split, PAD, [2], [(1, 5)])
+    assert masked == [Placement(1, 5, (False, True, False, True, False))]
 
 
 @pytest.mark.parametrize(

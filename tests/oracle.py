@@ -1,0 +1,68 @@
+"""Hugging Face transformers as the correctness oracle: same ids, same pixels, float32."""
+
+from dataclasses import dataclass
+
+import torch
+from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+
+from tests.fixtures import MODEL
+
+
+@dataclass
+class Images:
+    """One or more images as a gateway sends them: normalized floats and raw uint8 patches."""
+
+    pixel_values: torch.Tensor  # float32, normalized (HF's output)
+    raw: torch.Tensor  # uint8, same patches before rescale/normalize
+    grid: torch.Tensor  # [n, 3] int64
+
+    @property
+    def tokens_per_image(self) -> list[int]:
+        return (self.grid.prod(-1) // 4).tolist()
+
+
+class Oracle:
+    def __init__(self, path=MODEL):
+        self.processor = AutoProcessor.from_pretrained(path)
+        self.tokenizer = self.processor.tokenizer
+        self.model = Qwen2VLForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+        tid = self.tokenizer.convert_tokens_to_ids
+        self.pad, self.vs, self.ve = tid("<|image_pad|>"), tid("<|vision_start|>"), tid("<|vision_end|>")
+
+    def images(self, pil_images) -> Images:
+        proc = self.processor.image_processor
+        norm = proc(images=pil_images, return_tensors="pt")
+        raw = proc(images=pil_images, return_tensors="pt", do_rescale=False, do_normalize=False)
+        assert torch.equal(raw["pixel_values"], raw["pixel_values"].round()), "resized pixels must be integers"
+        return Images(norm["pixel_values"].to(torch.float32), raw["pixel_values"].to(torch.uint8),
+                      norm["image_grid_thw"].to(torch.int64))
+
+    def chat_ids(self, text: str, num_images: int = 0, expand: list[int] | None = None, prefix: str = "") -> list[int]:
+        """Qwen2-VL chat prompt; each image is <|vision_start|> pad(s) <|vision_end|>."""
+        enc = lambda s: self.tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
+        ids = enc("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n" + prefix)
+        for i in range(num_images):
+            ids += [self.vs] + [self.pad] * (expand[i] if expand else 1) + [self.ve]
+        return ids + enc(text + "<|im_end|>\n<|im_start|>assistant\n")
+
+    @torch.no_grad()
+    def log_softmax(self, ids: list[int], images: Images | None) -> torch.Tensor:
+        """[len(ids), vocab] logprobs of the next token at every position."""
+        input_ids = torch.tensor([ids])
+        kwargs = {}
+        if images is not None:  # mm_token_type_ids: 1 marks image positions for HF's M-RoPE
+            kwargs = {"pixel_values": images.pixel_values, "image_grid_thw": images.grid,
+                      "mm_token_type_ids": (input_ids == self.pad).to(torch.int64)}
+        logits = self.model(input_ids=input_ids, **kwargs).logits[0]
+        return torch.log_softmax(logits.to(torch.float32), dim=-1)
+
+    @torch.no_grad()
+    def greedy(self, ids: list[int], images: Images | None, n: int) -> tuple[list[int], list[float]]:
+        """Greedy continuation and, per step, the top-2 logprob gap (small = near-tie)."""
+        out, gaps = [], []
+        for _ in range(n):
+            lp = self.log_softmax(ids + out, images)[-1]
+            top = torch.topk(lp, 2)
+            gaps.append(float(top.values[0] - top.values[1]))
+            out.append(int(top.indices[0]))
+        return out, gaps

@@ -1,0 +1,270 @@
+"""End to end through the real SMG gateway: OpenAI chat completions with images -> SMG -> our servicer.
+
+The gateway (`smg launch`, inline tensor transport) runs as a subprocess in front of the
+session's gRPC server. For each request the test captures the GenerateRequest SMG sent
+and the token ids our servicer answered with, then checks that
+  * the HTTP answer is 200 and its text decodes from exactly those ids;
+  * SMG sent the ids and pixels HF's processor makes for the same images;
+  * replaying SMG's request directly over gRPC gives the same ids;
+  * HF greedy on the same ids and pixels gives the same ids, except after a near-tie.
+"""
+
+import asyncio
+import base64
+import contextlib
+import io
+import json
+import os
+import pathlib
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+import servicer.handlers as handlers
+from servicer.tensors import decode_tensor
+from tests.fixtures import image
+from tests.oracle import Oracle
+from vlm_proto import vllm_engine_pb2 as pb
+
+pytestmark = pytest.mark.gateway
+
+SMG = shutil.which("smg", path=os.pathsep.join([str(pathlib.Path(sys.executable).parent), os.environ.get("PATH", "")]))
+if SMG is None:
+    pytest.skip("the SMG gateway (`smg` executable, pip package smg) is not installed", allow_module_level=True)
+
+MAX_TOKENS = 8
+TIE_GAP = 1e-3  # random weights: HF and vLLM may part only where HF's top-2 logprob gap is this small
+READY_TIMEOUT_S = 180.0  # a 2-core machine shared with other test runs
+HTTP_TIMEOUT_S = 300.0
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _http(method: str, url: str, body: dict | None = None) -> tuple[int, dict | str]:
+    """Blocking HTTP call (run it in a thread: the gRPC server shares this event loop)."""
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=HTTP_TIMEOUT_S) as resp:
+            status, raw = resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        status, raw = exc.code, exc.read()
+    try:
+        return status, json.loads(raw)
+    except ValueError:
+        return status, raw.decode(errors="replace")
+
+
+@dataclass
+class Gateway:
+    url: str
+    model: str
+    log: pathlib.Path
+    proc: subprocess.Popen
+
+    def log_tail(self, lines: int = 150) -> str:
+        text = ANSI.sub("", self.log.read_text(errors="replace")) if self.log.exists() else "(no log)"
+        return "\n".join(text.splitlines()[-lines:])
+
+    @contextlib.contextmanager
+    def dump_log_on_failure(self):
+        try:
+            yield
+        except BaseException:
+            print(f"\n===== SMG gateway log (last lines of {self.log}) =====\n{self.log_tail()}\n===== end of SMG log =====")
+            raise
+
+    async def chat(self, body: dict) -> tuple[int, dict | str]:
+        return await asyncio.to_thread(_http, "POST", f"{self.url}/v1/chat/completions", body)
+
+
+async def _wait_ready(gw: Gateway) -> None:
+    """Ready once SMG has registered our worker (healthy) and lists its model."""
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if gw.proc.poll() is not None:
+            pytest.fail(f"smg exited with {gw.proc.returncode} before it was ready:\n{gw.log_tail()}")
+        with contextlib.suppress(OSError):
+            status, ready = await asyncio.to_thread(_http, "GET", f"{gw.url}/readiness")
+            if status == 200 and isinstance(ready, dict) and ready.get("healthy_workers", 0) >= 1:
+                status, models = await asyncio.to_thread(_http, "GET", f"{gw.url}/v1/models")
+                if status == 200 and isinstance(models, dict) and models.get("data"):
+                    gw.model = models["data"][0]["id"]
+                    return
+        await asyncio.sleep(0.5)
+    pytest.fail(f"smg not ready within {READY_TIMEOUT_S:.0f} s:\n{gw.log_tail()}")
+
+
+async def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM our own gateway process (by its pid), then SIGKILL if it lingers; never blocks the loop."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        while proc.poll() is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        if proc.poll() is None:
+            proc.kill()
+            while proc.poll() is None:
+                await asyncio.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+async def gateway(server, model_path, tmp_path_factory):
+    """`smg launch` in front of the session's servicer; its log goes to a tmp file."""
+    log = tmp_path_factory.mktemp("smg") / "smg.log"
+    port, metrics_port = _free_port(), _free_port()
+    cmd = [
+        SMG, "launch", "--worker-urls", f"grpc://127.0.0.1:{server.port}",
+        "--host", "127.0.0.1", "--port", str(port),
+        "--prometheus-port", str(metrics_port), "--prometheus-host", "127.0.0.1",
+        "--model-path", model_path, "--multimodal-tensor-transport", "inline",
+    ]
+    started = time.monotonic()
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    gw = Gateway(f"http://127.0.0.1:{port}", "", log, proc)
+    try:
+        await _wait_ready(gw)
+        print(f"\nsmg ready in {time.monotonic() - started:.1f} s (pid {proc.pid}, model {gw.model!r}, log {log})")
+        yield gw
+    finally:
+        await _stop(proc)
+
+
+@pytest.fixture(scope="module")
+async def oracle():
+    return await asyncio.to_thread(Oracle)
+
+
+@dataclass
+class Capture:
+    """What reached our servicer: each GenerateRequest and, in order, the ids each non-streamed answer carried."""
+
+    requests: list[pb.GenerateRequest] = field(default_factory=list)
+    outputs: list[list[int]] = field(default_factory=list)
+
+
+@pytest.fixture
+def capture(monkeypatch):
+    """Record Generate's input and output by wrapping the two module-level helpers it calls."""
+    cap = Capture()
+    to_engine_request = handlers.to_engine_request
+
+    def recording_to_engine_request(request, *args):
+        copy = pb.GenerateRequest()
+        copy.CopyFrom(request)
+        cap.requests.append(copy)
+        return to_engine_request(request, *args)
+
+    class RecordingAccumulator(handlers.Accumulator):
+        def completes(self):
+            for response in super().completes():
+                cap.outputs.append(list(response.complete.output_ids))
+                yield response
+
+    monkeypatch.setattr(handlers, "to_engine_request", recording_to_engine_request)
+    monkeypatch.setattr(handlers, "Accumulator", RecordingAccumulator)
+    return cap
+
+
+def _data_url(img) -> str:
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _pixels_per_channel_normalized(raw: torch.Tensor, oracle: Oracle) -> torch.Tensor:
+    """SMG's uint8 patches as HF's processor would hand them to the tower: (x/255 - mean) / std."""
+    proc = oracle.processor.image_processor
+    mean = torch.tensor(proc.image_mean, dtype=torch.float32).view(1, 3, 1)
+    std = torch.tensor(proc.image_std, dtype=torch.float32).view(1, 3, 1)
+    x = raw.reshape(raw.shape[0], 3, -1).to(torch.float32)
+    return ((x * proc.rescale_factor - mean) / std).reshape(raw.shape)
+
+
+CASES = {
+    "one_image": ("Describe the image.", [(112, 112, 11)]),
+    "two_images": ("Compare the two images.", [(112, 112, 12), (56, 140, 13)]),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+async def test_chat_completion_through_smg_matches_direct_grpc_and_hf(name, gateway, capture, stub, oracle):
+    text, sizes = CASES[name]
+    pil = [image(w, h, seed) for w, h, seed in sizes]
+    # SMG puts a message's images before its text; send them text-first to exercise that.
+    content = [{"type": "text", "text": text}] + [{"type": "image_url", "image_url": {"url": _data_url(p)}} for p in pil]
+    body = {
+        "model": gateway.model, "messages": [{"role": "user", "content": content}],
+        "temperature": 0, "max_tokens": MAX_TOKENS, "skip_special_tokens": False,
+    }
+    with gateway.dump_log_on_failure():
+        t0 = time.monotonic()
+        status, answer = await gateway.chat(body)
+        http_s = time.monotonic() - t0
+        assert status == 200, f"HTTP {status}: {answer}"
+
+        # Exactly one Generate reached us (SMG retries a failed call with a new request id).
+        assert len(capture.requests) == 1, [r.request_id for r in capture.requests]
+        sent = capture.requests[0]
+        assert not sent.stream and len(capture.outputs) == 1, f"stream={sent.stream}, answers {capture.outputs}"
+        [served] = capture.outputs
+        choice = answer["choices"][0]
+        print(f"\n{name}: HTTP {http_s * 1e3:.0f} ms, SMG request {sent.request_id}, stream={sent.stream}, "
+              f"{len(sent.tokenized.input_ids)} prompt ids, served {served}, text {choice['message']['content']!r}")
+
+        # The HTTP answer is what we served.
+        assert answer["usage"]["completion_tokens"] == len(served)
+        assert answer["usage"]["prompt_tokens"] == len(sent.tokenized.input_ids)
+        # SMG's incremental detokenizer withholds a trailing incomplete UTF-8 sequence (HF decodes it to U+FFFD).
+        decoded = oracle.tokenizer.decode(served, skip_special_tokens=False)
+        assert choice["message"]["content"] in (decoded, decoded.rstrip("\ufffd")), decoded
+
+        # SMG sent the ids and the pixels HF's processor makes for these images.
+        imgs = oracle.images(pil)
+        expected_ids = oracle.chat_ids(text, len(pil), imgs.tokens_per_image)
+        assert list(sent.tokenized.input_ids) == expected_ids
+        mm = sent.mm_inputs
+        grid = decode_tensor("grid", mm.model_specific_tensors["image_grid_thw"]).to(torch.int64)
+        assert torch.equal(grid, imgs.grid)
+        smg_pixels = decode_tensor("pixel_values", mm.pixel_values)
+        if smg_pixels.dtype == torch.uint8:  # we announce mm_device_do_normalize: SMG sends raw pixels
+            assert torch.equal(smg_pixels, imgs.raw)
+            smg_pixels = _pixels_per_channel_normalized(smg_pixels, oracle)
+        torch.testing.assert_close(smg_pixels.to(torch.float32), imgs.pixel_values, atol=1e-5, rtol=0)
+
+        # Replaying SMG's request directly over gRPC gives the same ids.
+        direct = pb.GenerateRequest()
+        direct.CopyFrom(sent)
+        direct.request_id = f"{sent.request_id}-direct"
+        completes = [r.complete async for r in stub.Generate(direct) if r.HasField("complete")]
+        assert [list(c.output_ids) for c in completes] == [served]
+
+        # HF greedy on the same ids and pixels: equal, or parted only at a near-tie.
+        reference, gaps = await asyncio.to_thread(oracle.greedy, expected_ids, imgs, MAX_TOKENS)
+        parted = next((i for i, (a, b) in enumerate(zip(served, reference)) if a != b), None)
+        if parted is None:
+            assert served == reference[: len(served)]
+            if len(served) < MAX_TOKENS:  # stopped early: only on an end-of-sequence token
+                eos = oracle.model.generation_config.eos_token_id
+                assert choice["finish_reason"] == "stop" and served[-1] in (eos if isinstance(eos, list) else [eos])
+        else:
+            print(f"{name}: parted from HF at token {parted}, where HF's top-2 gap is {gaps[parted]:.2e}")
+            assert gaps[parted] < TIE_GAP, (
+                f"token {parted}: served {served[parted]} vs HF {reference[parted]}, HF top-2 gap {gaps[parted]:.3g}"
+            )
