@@ -53,3 +53,10 @@ async def channel(server):
 @pytest.fixture(scope="session")
 def stub(channel):
     return pb_grpc.VllmEngineStub(channel)
+
+
+@pytest.fixture(scope="session")
+def oracle():
+    from tests.oracle import Oracle
+
+    return Oracle()

@@ -33,7 +33,7 @@ import torch
 import servicer.handlers as handlers
 from servicer.tensors import decode_tensor
 from tests.fixtures import image
-from tests.oracle import Oracle
+from tests.oracle import Oracle  # the `oracle` fixture itself is conftest's (session)
 from vlm_proto import vllm_engine_pb2 as pb
 
 pytestmark = pytest.mark.gateway
@@ -55,19 +55,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _http(method: str, url: str, body: dict | None = None) -> tuple[int, dict | str]:
+def _http_raw(method: str, url: str, body: dict | None = None) -> tuple[int, str]:
     """Blocking HTTP call (run it in a thread: the gRPC server shares this event loop)."""
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(req, timeout=HTTP_TIMEOUT_S) as resp:
-            status, raw = resp.status, resp.read()
+            return resp.status, resp.read().decode(errors="replace")
     except urllib.error.HTTPError as exc:
-        status, raw = exc.code, exc.read()
+        return exc.code, exc.read().decode(errors="replace")
+
+
+def _http(method: str, url: str, body: dict | None = None) -> tuple[int, dict | str]:
+    """Like _http_raw, with the body parsed as JSON where it is JSON."""
+    status, raw = _http_raw(method, url, body)
     try:
         return status, json.loads(raw)
     except ValueError:
-        return status, raw.decode(errors="replace")
+        return status, raw
 
 
 @dataclass
@@ -91,6 +96,14 @@ class Gateway:
 
     async def chat(self, body: dict) -> tuple[int, dict | str]:
         return await asyncio.to_thread(_http, "POST", f"{self.url}/v1/chat/completions", body)
+
+    async def chat_stream(self, body: dict) -> tuple[int, list[dict] | str]:
+        """POST with "stream": true; the parsed `data:` events before [DONE]."""
+        status, raw = await asyncio.to_thread(_http_raw, "POST", f"{self.url}/v1/chat/completions", {**body, "stream": True})
+        if status != 200:
+            return status, raw
+        lines = [line.removeprefix("data:").strip() for line in raw.splitlines() if line.startswith("data:")]
+        return status, [json.loads(line) for line in lines if line != "[DONE]"]
 
 
 async def _wait_ready(gw: Gateway) -> None:
@@ -146,11 +159,6 @@ async def gateway(server, model_path, tmp_path_factory):
         await _stop(proc)
 
 
-@pytest.fixture(scope="module")
-async def oracle():
-    return await asyncio.to_thread(Oracle)
-
-
 @dataclass
 class Capture:
     """What reached our servicer: each GenerateRequest and, in order, the ids each non-streamed answer carried."""
@@ -197,6 +205,32 @@ def _pixels_per_channel_normalized(raw: torch.Tensor, oracle: Oracle) -> torch.T
     return ((x * proc.rescale_factor - mean) / std).reshape(raw.shape)
 
 
+def _chat_body(model: str, text: str, pil: list) -> dict:
+    # SMG puts a message's images before its text; send them text-first to exercise that.
+    content = [{"type": "text", "text": text}] + [{"type": "image_url", "image_url": {"url": _data_url(p)}} for p in pil]
+    return {
+        "model": model, "messages": [{"role": "user", "content": content}],
+        "temperature": 0, "max_tokens": MAX_TOKENS, "skip_special_tokens": False,
+    }
+
+
+def _same_text(smg_text: str, ids: list[int], oracle: Oracle) -> None:
+    """SMG's incremental detokenizer withholds a trailing incomplete UTF-8 sequence (HF decodes it to U+FFFD)."""
+    decoded = oracle.tokenizer.decode(ids, skip_special_tokens=False)
+    assert smg_text in (decoded, decoded.rstrip("\ufffd")), (smg_text, decoded)
+
+
+async def _replay(stub, sent: pb.GenerateRequest, **changes) -> list[int]:
+    """Send SMG's captured request straight to our servicer (new request id); the one sample's ids."""
+    direct = pb.GenerateRequest()
+    direct.CopyFrom(sent)
+    direct.request_id = f"{sent.request_id}-direct"
+    for name, value in changes.items():
+        setattr(direct, name, value)
+    [complete] = [r.complete async for r in stub.Generate(direct) if r.HasField("complete")]
+    return list(complete.output_ids)
+
+
 CASES = {
     "one_image": ("Describe the image.", [(112, 112, 11)]),
     "two_images": ("Compare the two images.", [(112, 112, 12), (56, 140, 13)]),
@@ -207,12 +241,7 @@ CASES = {
 async def test_chat_completion_through_smg_matches_direct_grpc_and_hf(name, gateway, capture, stub, oracle):
     text, sizes = CASES[name]
     pil = [image(w, h, seed) for w, h, seed in sizes]
-    # SMG puts a message's images before its text; send them text-first to exercise that.
-    content = [{"type": "text", "text": text}] + [{"type": "image_url", "image_url": {"url": _data_url(p)}} for p in pil]
-    body = {
-        "model": gateway.model, "messages": [{"role": "user", "content": content}],
-        "temperature": 0, "max_tokens": MAX_TOKENS, "skip_special_tokens": False,
-    }
+    body = _chat_body(gateway.model, text, pil)
     with gateway.dump_log_on_failure():
         t0 = time.monotonic()
         status, answer = await gateway.chat(body)
@@ -231,9 +260,7 @@ async def test_chat_completion_through_smg_matches_direct_grpc_and_hf(name, gate
         # The HTTP answer is what we served.
         assert answer["usage"]["completion_tokens"] == len(served)
         assert answer["usage"]["prompt_tokens"] == len(sent.tokenized.input_ids)
-        # SMG's incremental detokenizer withholds a trailing incomplete UTF-8 sequence (HF decodes it to U+FFFD).
-        decoded = oracle.tokenizer.decode(served, skip_special_tokens=False)
-        assert choice["message"]["content"] in (decoded, decoded.rstrip("\ufffd")), decoded
+        _same_text(choice["message"]["content"], served, oracle)
 
         # SMG sent the ids and the pixels HF's processor makes for these images.
         imgs = oracle.images(pil)
@@ -249,17 +276,12 @@ async def test_chat_completion_through_smg_matches_direct_grpc_and_hf(name, gate
         torch.testing.assert_close(smg_pixels.to(torch.float32), imgs.pixel_values, atol=1e-5, rtol=0)
 
         # Replaying SMG's request directly over gRPC gives the same ids.
-        direct = pb.GenerateRequest()
-        direct.CopyFrom(sent)
-        direct.request_id = f"{sent.request_id}-direct"
-        completes = [r.complete async for r in stub.Generate(direct) if r.HasField("complete")]
-        assert [list(c.output_ids) for c in completes] == [served]
+        assert await _replay(stub, sent) == served
 
         # HF greedy on the same ids and pixels: equal, or parted only at a near-tie.
         reference, gaps = await asyncio.to_thread(oracle.greedy, expected_ids, imgs, MAX_TOKENS)
         parted = next((i for i, (a, b) in enumerate(zip(served, reference)) if a != b), None)
         if parted is None:
-            assert served == reference[: len(served)]
             if len(served) < MAX_TOKENS:  # stopped early: only on an end-of-sequence token
                 eos = oracle.model.generation_config.eos_token_id
                 assert choice["finish_reason"] == "stop" and served[-1] in (eos if isinstance(eos, list) else [eos])
@@ -268,3 +290,22 @@ async def test_chat_completion_through_smg_matches_direct_grpc_and_hf(name, gate
             assert gaps[parted] < TIE_GAP, (
                 f"token {parted}: served {served[parted]} vs HF {reference[parted]}, HF top-2 gap {gaps[parted]:.3g}"
             )
+
+
+async def test_streamed_chat_completion_through_smg_matches_direct_grpc(gateway, capture, stub, oracle):
+    """A streamed chat completion: SMG calls Generate with stream=true and relays our chunks as SSE deltas."""
+    text, sizes = CASES["two_images"]
+    body = _chat_body(gateway.model, text, [image(w, h, seed) for w, h, seed in sizes])
+    with gateway.dump_log_on_failure():
+        status, events = await gateway.chat_stream(body)
+        assert status == 200, f"HTTP {status}: {events}"
+        assert len(capture.requests) == 1, [r.request_id for r in capture.requests]
+        sent = capture.requests[0]
+        assert sent.stream
+        choices = [c for e in events for c in e["choices"]]
+        streamed = "".join(c["delta"].get("content") or "" for c in choices)
+        finish = [c["finish_reason"] for c in choices if c.get("finish_reason")]
+        print(f"\nstreamed: {len(events)} events, text {streamed!r}, finish {finish}")
+        served = await _replay(stub, sent, stream=False)
+        _same_text(streamed, served, oracle)
+        assert finish == ["length" if len(served) == MAX_TOKENS else "stop"]

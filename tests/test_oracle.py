@@ -19,11 +19,6 @@ LOGPROB_TOL = 1e-3
 TIE_GAP = 1e-3
 
 
-@pytest.fixture(scope="module")
-def oracle():
-    return Oracle()
-
-
 def _case(oracle: Oracle, name: str):
     """(expanded ids for HF, ids as sent, Images or None, MultimodalInputs or None)."""
     if name == "text":
