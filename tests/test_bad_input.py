@@ -1,0 +1,89 @@
+"""Bad input gets INVALID_ARGUMENT (RESOURCE_EXHAUSTED for limits) naming the field; the engine keeps serving."""
+
+import grpc
+import pytest
+import torch
+
+from tests.fixtures import image, mm_inputs, request, tensor
+from vlm_proto import common_pb2, vllm_engine_pb2 as pb
+
+pytestmark = pytest.mark.engine
+INVALID, EXHAUSTED = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+@pytest.fixture(scope="module")
+def one_image(oracle):
+    imgs = oracle.images([image(112, 112, seed=11)])
+    return oracle.chat_ids("Describe the image.", 1), imgs
+
+
+def _bad_requests(oracle, one_image, vocab, max_len):
+    ids, imgs = one_image
+    text = oracle.chat_ids("Describe the image.")
+    pv, grid = imgs.pixel_values, imgs.grid
+
+    def mm(**kw):
+        return mm_inputs(pv, grid, **kw)
+
+    wrong_len = mm()
+    wrong_len.pixel_values.inline = wrong_len.pixel_values.inline[:-4]
+    bad_dtype = mm()
+    bad_dtype.pixel_values.dtype = "float64"
+    two_grids = mm_inputs(pv, torch.cat([grid, grid]))
+    extra_tensor = mm()
+    extra_tensor.model_specific_tensors["foo"].CopyFrom(tensor(grid))
+    short_grid = mm_inputs(pv, torch.tensor([[1, 4, 4]]))
+    cases = {
+        "empty ids": (request([], max_tokens=4), INVALID, "tokenized.input_ids: empty"),
+        "id >= vocab": (request(text + [vocab], max_tokens=4), INVALID, f"tokenized.input_ids[{len(text)}]"),
+        "prompt over context": (request([5] * max_len, max_tokens=4), INVALID, "context"),
+        "byte length": (request(ids, mm=wrong_len, max_tokens=4), INVALID, "mm_inputs.pixel_values:"),
+        "unknown dtype": (request(ids, mm=bad_dtype, max_tokens=4), INVALID, "mm_inputs.pixel_values.dtype"),
+        "placeholder count": (request(ids + [oracle.pad], mm=mm(), max_tokens=4), INVALID, "1 images"),
+        "range out of bounds": (
+            request(ids, mm=mm(mm_placeholders=[pb.PlaceholderRange(offset=len(ids) - 2, length=16)]), max_tokens=4),
+            INVALID, "mm_inputs.mm_placeholders[0]"),
+        "ranges overlap": (
+            request(oracle.chat_ids("x", 2, [16, 16]), mm=mm_inputs(torch.cat([pv, pv]), torch.cat([grid, grid]),
+                    mm_placeholders=[pb.PlaceholderRange(offset=10, length=16), pb.PlaceholderRange(offset=20, length=16)]),
+                    max_tokens=4),
+            INVALID, "overlaps"),
+        "grid vs pixel rows": (request(ids, mm=two_grids, max_tokens=4), INVALID, "image_grid_thw implies"),
+        "grid too small": (request(ids, mm=short_grid, max_tokens=4), INVALID, "mm_inputs.pixel_values: shape"),
+        "n over limit": (request(text, n=99, max_tokens=4), EXHAUSTED, "sampling_params.n"),
+        "max_tokens over context": (request(text, max_tokens=max_len), EXHAUSTED, "sampling_params.max_tokens"),
+        "logprobs over limit": (request(text, max_tokens=2, logprobs=1000), EXHAUSTED, "sampling_params.logprobs"),
+        "stop strings": (request(text, max_tokens=4, stop=["."]), INVALID, "sampling_params.stop"),
+        "structured output": (request(text, max_tokens=4, json_schema="{}"), INVALID, "sampling_params.json_schema"),
+        "text input": (pb.GenerateRequest(text="hello", sampling_params=pb.SamplingParams(max_tokens=4)), INVALID, "text"),
+        "video modality": (request(ids, mm=mm(modality=common_pb2.VIDEO), max_tokens=4), INVALID, "mm_inputs.modality"),
+        "shm payload": (
+            request(ids, mm=pb.MultimodalInputs(
+                pixel_values=pb.TensorData(shape=list(pv.shape), dtype="float32",
+                                           shm=common_pb2.ShmHandle(name="x", nbytes=pv.numel() * 4)),
+                model_specific_tensors={"image_grid_thw": tensor(grid)}), max_tokens=4),
+            INVALID, "mm_inputs.pixel_values.shm"),
+        "unexpected tensor": (request(ids, mm=extra_tensor, max_tokens=4), INVALID, "unexpected ['foo']"),
+    }
+    return cases
+
+
+CASE_NAMES = [
+    "empty ids", "id >= vocab", "prompt over context", "byte length", "unknown dtype", "placeholder count",
+    "range out of bounds", "ranges overlap", "grid vs pixel rows", "grid too small", "n over limit",
+    "max_tokens over context", "logprobs over limit", "stop strings", "structured output", "text input",
+    "video modality", "shm payload", "unexpected tensor",
+]
+
+
+@pytest.mark.parametrize("name", CASE_NAMES)
+async def test_bad_input_is_refused_by_field_and_engine_keeps_serving(stub, engine, oracle, one_image, name):
+    req, code, fragment = _bad_requests(oracle, one_image, engine.info.vocab_size, engine.info.max_model_len)[name]
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        async for _ in stub.Generate(req):
+            pass
+    assert err.value.code() == code, err.value.details()
+    assert fragment in err.value.details()
+    ids, imgs = one_image
+    good = [r async for r in stub.Generate(request(ids, mm=mm_inputs(imgs.pixel_values, imgs.grid), temperature=0.0, max_tokens=2))]
+    assert len(good[-1].complete.output_ids) == 2
