@@ -107,7 +107,7 @@ class Engine:
 
     @property
     def is_healthy(self) -> bool:
-        return not self._llm.errored
+        return self._llm is not None and not self._llm.errored
 
     async def check_health(self) -> None:
         try:
@@ -116,7 +116,12 @@ class Engine:
             raise EngineDeadError(str(exc)) from exc
 
     def shutdown(self) -> None:
-        self._llm.shutdown()
+        """Stop the engine core processes. Idempotent."""
+        if self._llm is not None:
+            self._llm.shutdown()
+            # Drop the last reference now: AsyncLLM.__del__ shuts down again, which fails
+            # if it only runs at interpreter exit, after vLLM's modules are torn down.
+            self._llm = None
 
 
 async def start_engine(args: AsyncEngineArgs) -> Engine:
