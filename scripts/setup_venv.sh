@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create (or complete) the project's virtual environment: vLLM for this machine, the
-# project in editable mode with its test tools, and the generated protobuf code.
+# project in editable mode with its test tools (the Makefile then generates the protobuf code).
 # Usage: scripts/setup_venv.sh VENV
 set -euo pipefail
 venv=${1:-.venv}
@@ -9,7 +9,8 @@ cd "$here"
 
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
 py="$venv/bin/python"
-pip() { "$py" -m pip install --quiet --disable-pip-version-check "$@"; }
+# The machine's pip config lists mirror folders that may not exist; drop only those warnings.
+pip() { "$py" -m pip install --quiet --disable-pip-version-check "$@" 2>&1 | { grep -v "^WARNING: Location" || true; }; }
 
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
   echo "setup: CUDA GPU found; installing vllm==${VLLM_VERSION:=0.32.0}"
@@ -25,6 +26,4 @@ else
 fi
 pip -e ".[test,dev]"
 "$py" scripts/fix_torchvision.py
-"$py" -m grpc_tools.protoc -I proto --python_out=proto --pyi_out=proto --grpc_python_out=proto \
-  proto/vlm_proto/common.proto proto/vlm_proto/vllm_engine.proto
 echo "setup: done ($venv)"

@@ -20,7 +20,9 @@ SEED = 1234
 RECIPE_VERSION = "qwen2-vl-random-1"
 
 
-def build_config(tokenizer) -> Qwen2VLConfig:
+def build_config(tokenizer, text: dict | None = None, vision: dict | None = None) -> Qwen2VLConfig:
+    """The tiny config; `text`/`vision` override sub-config fields (the trained checkpoint
+    widens the vision tower). The decoder's head_dim must stay 64 for vLLM's CPU attention."""
     ids = tokenizer.convert_tokens_to_ids
     config = Qwen2VLConfig(
         text_config=dict(
@@ -31,12 +33,12 @@ def build_config(tokenizer) -> Qwen2VLConfig:
             bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"),
             pad_token_id=ids("<|endoftext|>"),
             initializer_range=0.1,  # sharper next-token distributions than 0.02: fewer near-ties
-        ),
+        ) | (text or {}),
         vision_config=dict(
             depth=2, embed_dim=32, hidden_size=128, num_heads=2, mlp_ratio=2,
             patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
             initializer_range=0.1,
-        ),
+        ) | (vision or {}),
         image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
         vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
         tie_word_embeddings=False,
@@ -53,27 +55,32 @@ def build_image_processor() -> Qwen2VLImageProcessorPil:
     )
 
 
-def build(out: pathlib.Path) -> pathlib.Path:
-    """Write config, weights (float32), tokenizer and image-processor config to `out`."""
+def write_checkpoint(out: pathlib.Path, model, tokenizer, image_processor, recipe: str) -> pathlib.Path:
+    """Save a float32 checkpoint plus the extras SMG needs; shared by the random and trained builds."""
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(VOCAB_SIZE)
-    config = build_config(tokenizer)
-    torch.manual_seed(SEED)
-    model = Qwen2VLForConditionalGeneration(config).to(torch.float32).eval()
-    model.save_pretrained(out)
+    model.to(torch.float32).save_pretrained(out)
     tokenizer.save_pretrained(out)
-    build_image_processor().save_pretrained(out)
+    image_processor.save_pretrained(out)
     # SMG reads these two from config.json to find the pad token it expands `<image>` into.
     raw = json.loads((out / "config.json").read_text())
-    raw["vision_token_id"] = config.image_token_id
+    raw["vision_token_id"] = model.config.image_token_id
     raw["torch_dtype"] = "float32"
     (out / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
     # SMG sizes images from these two keys and ignores the `size` block.
     pre = json.loads((out / "preprocessor_config.json").read_text())
     pre["min_pixels"], pre["max_pixels"] = pre["size"]["shortest_edge"], pre["size"]["longest_edge"]
     (out / "preprocessor_config.json").write_text(json.dumps(pre, indent=2) + "\n")
-    (out / "RECIPE").write_text(RECIPE_VERSION + "\n")
+    (out / "RECIPE").write_text(recipe + "\n")
     return out
+
+
+def build(out: pathlib.Path) -> pathlib.Path:
+    """Write config, weights (float32), tokenizer and image-processor config to `out`."""
+    tokenizer = build_tokenizer(VOCAB_SIZE)
+    config = build_config(tokenizer)
+    torch.manual_seed(SEED)
+    model = Qwen2VLForConditionalGeneration(config).to(torch.float32).eval()
+    return write_checkpoint(out, model, tokenizer, build_image_processor(), RECIPE_VERSION)
 
 
 def main() -> None:

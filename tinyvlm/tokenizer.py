@@ -37,8 +37,12 @@ _COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "white", "blac
 _SHAPES = ["circle", "square", "triangle", "star", "cross"]
 
 
-def training_corpus() -> list[str]:
-    """Sentences the BPE merges are learned from; "Describe" becomes one token."""
+def training_corpus(extra: tuple[str, ...] = ()) -> list[str]:
+    """Sentences the BPE merges are learned from; "Describe" becomes one token.
+
+    `extra` lines are appended (the trained checkpoint adds its answer words so each is
+    one token); the default corpus, and so the random checkpoint, is unchanged without them.
+    """
     lines = [
         "Describe the image.", "Describe this picture in detail.", "What is in the image?",
         "What colour is the shape?", "What shape is it?", "How many shapes are there?",
@@ -49,11 +53,11 @@ def training_corpus() -> list[str]:
         for shape in _SHAPES:
             lines.append(f"A {colour} {shape} on a plain background.")
             lines.append(f"Describe the {colour} {shape}. It is {colour}.")
-    return lines * 4
+    return (lines + list(extra)) * 4
 
 
-def build_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
-    """Train the BPE and wrap it as a transformers fast tokenizer."""
+def build_tokenizer(vocab_size: int, extra_corpus: tuple[str, ...] = ()) -> PreTrainedTokenizerFast:
+    """Train the BPE (on `training_corpus(extra_corpus)`) and wrap it as a transformers fast tokenizer."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -62,7 +66,7 @@ def build_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(training_corpus(), trainer=trainer)
+    tok.train_from_iterator(training_corpus(extra_corpus), trainer=trainer)
     tok.add_special_tokens(SPECIAL_TOKENS)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
