@@ -17,7 +17,7 @@ from vllm.v1.engine.exceptions import EngineDeadError as VllmEngineDeadError
 from vllm.v1.metrics.loggers import StatLoggerBase
 
 from engine_adapter.errors import EngineDeadError, EngineRequestError
-from engine_adapter.info import model_info, pixel_norm
+from engine_adapter.info import model_info, ordinary_token_ids, pixel_norm
 from engine_adapter.outputs import to_step_output
 from engine_adapter.pixels import prepare_pixels
 from engine_adapter.prompt import build_engine_input
@@ -64,6 +64,7 @@ class Engine:
         self._norm = pixel_norm(llm.vllm_config)
         self._mm_processor = llm.renderer.get_mm_processor() if self.info.supports_vision else None
         self.version = vllm.__version__
+        self.ordinary_token_ids = ordinary_token_ids(llm.get_tokenizer(), self.info.vocab_size)
 
     @classmethod
     def start(cls, args: AsyncEngineArgs) -> "Engine":

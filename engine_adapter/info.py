@@ -62,3 +62,9 @@ def pixel_norm(config: VllmConfig) -> PixelNorm | None:
         return None
     params = _load_norm_params(config.model_config)
     return PixelNorm(tuple(params.image_mean), tuple(params.image_std), params.rescale_factor)
+
+
+def ordinary_token_ids(tokenizer, vocab_size: int) -> tuple[int, ...]:
+    """Token ids that are neither special nor added tokens: safe stand-ins for image pad values."""
+    special = set(tokenizer.all_special_ids) | set(tokenizer.get_added_vocab().values())
+    return tuple(sorted(i for i in tokenizer.get_vocab().values() if i not in special and i < vocab_size))

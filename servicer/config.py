@@ -21,6 +21,9 @@ class ServerConfig:
     max_n: int = 16
     decode_workers: int = 4  # threads for tensor decode/hash/cast, off the event loop
     shutdown_grace_s: float = 30.0
+    mm_hash_policy: str = "recompute"  # or "trust": use the gateway's mm_hashes as identities
+    mm_pad_values: bool = True  # hash-derived ids at image embedding positions
+    mm_store_gb: float = 2.0  # images kept for reference-by-hash (LRU by bytes)
     engine_args: tuple[str, ...] = field(default_factory=tuple)  # vLLM's own flags, passed through
 
     def __post_init__(self):
@@ -29,6 +32,10 @@ class ServerConfig:
         for name in ("max_message_mb", "max_concurrent_requests", "max_n", "decode_workers"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
+        if self.mm_hash_policy not in ("recompute", "trust"):
+            raise ConfigError(f"--mm-hash-policy {self.mm_hash_policy}: must be recompute or trust")
+        if self.mm_store_gb < 0:
+            raise ConfigError(f"--mm-store-gb {self.mm_store_gb}: must not be negative")
         if self.shutdown_grace_s < 0:
             raise ConfigError(f"--shutdown-grace-s {self.shutdown_grace_s}: must not be negative")
 
@@ -46,6 +53,12 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
                         help="threads decoding and casting tensors off the event loop")
     parser.add_argument("--shutdown-grace-s", type=float, default=d.shutdown_grace_s,
                         help="seconds in-flight calls get to finish on SIGTERM")
+    parser.add_argument("--mm-hash-policy", choices=("recompute", "trust"), default=d.mm_hash_policy,
+                        help="recompute: identify images by their bytes (safe); trust: use the gateway's mm_hashes")
+    parser.add_argument("--mm-pad-values", action=argparse.BooleanOptionalAction, default=d.mm_pad_values,
+                        help="replace image pad ids by identity-derived ids in what the engine sees")
+    parser.add_argument("--mm-store-gb", type=float, default=d.mm_store_gb,
+                        help="memory for images kept for reference-by-hash (0 disables)")
 
 
 def config_from_args(ns: argparse.Namespace, engine_args: list[str]) -> ServerConfig:
@@ -53,5 +66,6 @@ def config_from_args(ns: argparse.Namespace, engine_args: list[str]) -> ServerCo
         model=ns.model, host=ns.host, port=ns.port, max_message_mb=ns.max_message_mb,
         max_concurrent_requests=ns.max_concurrent_requests, max_n=ns.max_n,
         decode_workers=ns.decode_workers, shutdown_grace_s=ns.shutdown_grace_s,
+        mm_hash_policy=ns.mm_hash_policy, mm_pad_values=ns.mm_pad_values, mm_store_gb=ns.mm_store_gb,
         engine_args=tuple(engine_args),
     )

@@ -20,7 +20,9 @@ import grpc
 from engine_adapter.engine import Engine
 from servicer.config import ServerConfig
 from servicer.errors import InvalidArgument, ResourceExhausted, status_for
-from servicer.requests import to_engine_request
+from servicer.image_store import ImageStore
+from servicer.multimodal import ImagePolicy
+from servicer.requests import RequestDecoder
 from servicer.responses import Accumulator, StreamEncoder
 from vlm_proto import common_pb2, vllm_engine_pb2 as pb, vllm_engine_pb2_grpc as pb_grpc
 
@@ -74,6 +76,14 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
         self.started = time.time()
         self.last_receive = 0.0
         self._decode_pool = ThreadPoolExecutor(config.decode_workers, thread_name_prefix="decode")
+        self.image_store = ImageStore(int(config.mm_store_gb * 1024**3))
+        policy = ImagePolicy(
+            trust_gateway_hashes=config.mm_hash_policy == "trust",
+            pad_values=config.mm_pad_values,
+            pad_candidates=engine.ordinary_token_ids,
+            store=self.image_store,
+        )
+        self.decoder = RequestDecoder(engine.info, config.max_n, engine.prepare_pixels, policy)
 
     def close(self) -> None:
         self._decode_pool.shutdown(wait=False, cancel_futures=True)
@@ -85,14 +95,19 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
         try:
             self._admit(request_id)
             self.in_flight[request_id] = state
-            engine_request = await asyncio.get_running_loop().run_in_executor(
-                self._decode_pool, to_engine_request, request, request_id, self.engine.info,
-                self.config.max_n, self.engine.prepare_pixels,
+            decoded = await asyncio.get_running_loop().run_in_executor(
+                self._decode_pool, self.decoder.decode, request, request_id
             )
+            engine_request = decoded.engine
             state.prompt_tokens = len(engine_request.prompt_ids)
+            if engine_request.images:
+                # The identities a caller may later send instead of pixels (reference by hash).
+                await context.send_initial_metadata(
+                    (("vlm-mm-identities", ",".join(i.identity for i in engine_request.images)),)
+                )
             # Prompt logprobs are reported against the prompt as the engine ran it (placeholders
-            # expanded), with the caller's own token ids.
-            prompt_ids = engine_request.prompt_ids
+            # expanded), with the caller's own token ids (never the pad values).
+            prompt_ids = decoded.prompt_ids
             encoder = StreamEncoder(prompt_ids) if request.stream else None
             accumulated = Accumulator(prompt_ids) if not request.stream else None
             async for step in self.engine.generate(engine_request):

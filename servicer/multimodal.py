@@ -8,12 +8,14 @@ the event loop.
 """
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from engine_adapter.types import ImageInput, ModelInfo
-from servicer.errors import InvalidArgument, ResourceExhausted
-from servicer.identity import image_identity
+from servicer.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from servicer.identity import image_identity, pad_values
+from servicer.image_store import ImageStore, StoredImage
 from servicer.placeholders import place_images
 from servicer.tensors import decode_tensor
 from vlm_proto import common_pb2, vllm_engine_pb2 as pb
@@ -34,21 +36,22 @@ def _grid(mm: pb.MultimodalInputs) -> torch.Tensor:
     return grid
 
 
-def _rows_per_image(mm: pb.MultimodalInputs, grid: torch.Tensor) -> list[int]:
-    """Pixel rows per image, cross-checked against a gateway-sent sizes tensor when flat_keys names one."""
-    rows = grid.prod(-1).tolist()
+def _rows_per_image(mm: pb.MultimodalInputs, rows: list[int]) -> list[int]:
+    """Rows each image has in pixel_values: its grid's, or 0 for a reference (flat_keys sizes say 0)."""
+    sent = rows
     for key, sizes_key in mm.flat_keys.items():
         if key != "pixel_values":
             raise InvalidArgument(f"mm_inputs.flat_keys: unexpected tensor '{key}' (only pixel_values is flat)")
         if sizes_key not in mm.model_specific_tensors:
             raise InvalidArgument(f"mm_inputs.flat_keys['pixel_values']: sizes tensor '{sizes_key}' is missing")
         sizes = decode_tensor(f"mm_inputs.model_specific_tensors['{sizes_key}']", mm.model_specific_tensors[sizes_key])
-        if sizes.flatten().to(torch.int64).tolist() != rows:
+        sent = sizes.flatten().to(torch.int64).tolist()
+        if len(sent) != len(rows) or any(s not in (0, r) for s, r in zip(sent, rows)):
             raise InvalidArgument(
-                f"mm_inputs.model_specific_tensors['{sizes_key}']: {sizes.flatten().tolist()} rows per image, "
-                f"but {GRID_KEY} implies {rows}"
+                f"mm_inputs.model_specific_tensors['{sizes_key}']: {sent} rows per image, "
+                f"but {GRID_KEY} implies {rows} (0 marks an image referenced by hash)"
             )
-    return rows
+    return sent
 
 
 def _check_layout_keys(mm: pb.MultimodalInputs, num_images: int) -> None:
@@ -68,52 +71,117 @@ def _check_layout_keys(mm: pb.MultimodalInputs, num_images: int) -> None:
             raise InvalidArgument(f"mm_inputs.batched_keys: '{key}' first dimension {list(first)} != {num_images} images")
 
 
+@dataclass(frozen=True)
+class ImagePolicy:
+    """How images are identified, padded and remembered (from ServerConfig)."""
+
+    trust_gateway_hashes: bool  # --mm-hash-policy trust
+    pad_values: bool  # --mm-pad-values
+    pad_candidates: tuple[int, ...]  # ordinary in-vocabulary token ids
+    store: ImageStore
+
+
+def _identities(mm: pb.MultimodalInputs, raw: list[torch.Tensor | None], grids: list[tuple], trust: bool) -> list[str]:
+    """Per image: computed from the bytes (recompute), or the gateway's hash where trusted and present.
+
+    A reference (no pixels) is always named by its hash: under recompute that must be
+    the identity this servicer computed when the pixels came (returned to the caller).
+    """
+    out = []
+    for i, (pixels, thw) in enumerate(zip(raw, grids)):
+        given = mm.mm_hashes[i] if mm.mm_hashes else ""
+        if pixels is None:
+            if not given:
+                raise InvalidArgument(f"mm_inputs.mm_hashes[{i}]: image {i} has no pixels, so it needs its identity")
+            out.append(given)
+        else:
+            out.append(given if trust and given else image_identity(pixels, thw))
+    return out
+
+
+def _resolve(identities, ready, grids, store: ImageStore) -> list[torch.Tensor]:
+    """Engine-ready pixels per image: the request's own (then stored), or the store's for references."""
+    out, missing = [], []
+    for i, (ident, px, thw) in enumerate(zip(identities, ready, grids)):
+        if px is not None:
+            store.put(ident, StoredImage(px, thw))
+        else:
+            stored = store.get(ident)
+            if stored is None:
+                missing.append(ident)
+                continue
+            if stored.grid_thw != thw:
+                raise InvalidArgument(
+                    f"mm_inputs.model_specific_tensors['{GRID_KEY}'][{i}]: {list(thw)} but image {ident} "
+                    f"was stored with grid {list(stored.grid_thw)}"
+                )
+            px = stored.pixel_values
+        out.append(px)
+    if missing:
+        raise FailedPrecondition(
+            f"mm_inputs: {len(missing)} referenced image(s) not held by this servicer, resend their pixels: "
+            + ",".join(missing),
+            metadata=(("vlm-missing-mm-hashes", ",".join(missing)),),
+        )
+    return out
+
+
 def decode_images(
     mm: pb.MultimodalInputs,
     prompt_ids: list[int],
     info: ModelInfo,
     prepare_pixels: Callable[[torch.Tensor], torch.Tensor],
+    policy: ImagePolicy,
 ) -> tuple[list[int], list[ImageInput]]:
-    """Validate one image batch; return the (possibly expanded) prompt ids and the images in prompt order."""
+    """Validate one image batch; return the (possibly expanded) prompt ids and the images in prompt order.
+
+    Images without pixels (no `pixel_values`, or 0 rows in the flat_keys sizes tensor)
+    are references, resolved from the image store by identity.
+    """
     if mm.modality not in (common_pb2.MODALITY_UNSPECIFIED, common_pb2.IMAGE):
         raise InvalidArgument(f"mm_inputs.modality: {common_pb2.Modality.Name(mm.modality)} is not supported (images only)")
     if mm.HasField("encoder_input_key") and mm.encoder_input_key != "pixel_values":
         raise InvalidArgument(f"mm_inputs.encoder_input_key: '{mm.encoder_input_key}' is not supported (pixel_values)")
-    if not mm.HasField("pixel_values"):
-        raise InvalidArgument("mm_inputs.pixel_values: missing")
     grid = _grid(mm)
     num_images = grid.shape[0]
     limit = info.mm_item_limits.get("image", 0)
     if num_images > limit:
         raise ResourceExhausted(f"mm_inputs: {num_images} images exceed this engine's limit of {limit} per prompt")
     _check_layout_keys(mm, num_images)
-    rows = _rows_per_image(mm, grid)
-    pixels = decode_tensor("mm_inputs.pixel_values", mm.pixel_values)
-    if pixels.dim() != 2 or pixels.shape[0] != sum(rows) or pixels.shape[1] != info.patch_dim:
-        raise InvalidArgument(
-            f"mm_inputs.pixel_values: shape {list(pixels.shape)}, but {GRID_KEY} implies "
-            f"[{sum(rows)}, {info.patch_dim}] ({rows} rows per image)"
-        )
+    rows = grid.prod(-1).tolist()
+    sent_rows = _rows_per_image(mm, rows) if mm.HasField("pixel_values") else [0] * num_images
     if mm.mm_hashes and len(mm.mm_hashes) != num_images:
         raise InvalidArgument(f"mm_inputs.mm_hashes: {len(mm.mm_hashes)} hashes for {num_images} images")
+    raw, ready = [None] * num_images, [None] * num_images
+    if mm.HasField("pixel_values"):
+        pixels = decode_tensor("mm_inputs.pixel_values", mm.pixel_values)
+        if pixels.dim() != 2 or pixels.shape[0] != sum(sent_rows) or pixels.shape[1] != info.patch_dim:
+            raise InvalidArgument(
+                f"mm_inputs.pixel_values: shape {list(pixels.shape)}, but {GRID_KEY} implies "
+                f"[{sum(sent_rows)}, {info.patch_dim}] ({sent_rows} rows per image)"
+            )
+        for i, (r, p) in enumerate(zip(torch.split(pixels, sent_rows), torch.split(prepare_pixels(pixels), sent_rows))):
+            if sent_rows[i]:
+                raw[i], ready[i] = r, p
     pad_id = mm.im_token_id if mm.HasField("im_token_id") else info.image_token_id
     merge = info.spatial_merge_size
-    expected = [r // (merge * merge) for r in rows]
-    ranges = [(p.offset, p.length) for p in mm.mm_placeholders]
-    ids, placements = place_images(prompt_ids, pad_id, expected, ranges)
+    ids, placements = place_images(prompt_ids, pad_id, [r // (merge * merge) for r in rows], [(p.offset, p.length) for p in mm.mm_placeholders])
+    grids = [tuple(thw) for thw in grid.tolist()]
+    identities = _identities(mm, raw, grids, policy.trust_gateway_hashes)
+    ready = _resolve(identities, ready, grids, policy.store)
+    return ids, [
+        ImageInput(pixel_values=px, grid_thw=thw, identity=ident, offset=place.offset, length=place.length, is_embed=place.is_embed)
+        for px, thw, ident, place in zip(ready, grids, identities, placements)
+    ]
 
-    raw_per_image = torch.split(pixels, rows)
-    ready_per_image = torch.split(prepare_pixels(pixels), rows)
-    images = []
-    for raw, ready, thw, place in zip(raw_per_image, ready_per_image, grid.tolist(), placements):
-        images.append(
-            ImageInput(
-                pixel_values=ready,
-                grid_thw=tuple(thw),
-                identity=image_identity(raw, tuple(thw)),
-                offset=place.offset,
-                length=place.length,
-                is_embed=place.is_embed,
-            )
-        )
-    return ids, images
+
+def engine_prompt_ids(ids: list[int], images: list[ImageInput], policy: ImagePolicy) -> list[int]:
+    """The ids the engine sees: each image's embedding positions carry its identity's pad values."""
+    if not policy.pad_values or not images:
+        return ids
+    out = list(ids)
+    for image in images:
+        positions = [image.offset + k for k in range(image.length) if image.is_embed is None or image.is_embed[k]]
+        for pos, pad in zip(positions, pad_values(image.identity, len(positions), policy.pad_candidates)):
+            out[pos] = pad
+    return out

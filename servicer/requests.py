@@ -1,12 +1,13 @@
 """GenerateRequest -> EngineRequest: every check a client can fail, each naming its field."""
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from engine_adapter.types import EngineRequest, ModelInfo, SamplingOptions
 from servicer.errors import InvalidArgument, ResourceExhausted
-from servicer.multimodal import decode_images
+from servicer.multimodal import ImagePolicy, decode_images, engine_prompt_ids
 from vlm_proto import vllm_engine_pb2 as pb
 
 
@@ -93,24 +94,35 @@ def sampling_options(sp: pb.SamplingParams, prompt_len: int, info: ModelInfo, ma
     )
 
 
-def to_engine_request(
-    request: pb.GenerateRequest,
-    request_id: str,
-    info: ModelInfo,
-    max_n: int,
-    prepare_pixels: Callable[[torch.Tensor], torch.Tensor],
-) -> EngineRequest:
-    """Validate and convert; blocking (tensor decode, hashing): call off the event loop."""
-    _refuse_unsupported(request)
-    if request.WhichOneof("input") != "tokenized":
-        raise InvalidArgument("tokenized: missing (this servicer takes token ids)")
-    ids = list(request.tokenized.input_ids)
-    _check_ids(ids, info)
-    images = ()
-    if request.HasField("mm_inputs"):
-        if not info.supports_vision:
-            raise InvalidArgument(f"mm_inputs: model {info.served_model_name} takes no images")
-        ids, images = decode_images(request.mm_inputs, ids, info, prepare_pixels)
-    _check_length(ids, info)
-    sampling = sampling_options(request.sampling_params, len(ids), info, max_n)
-    return EngineRequest(request_id=request_id, prompt_ids=tuple(ids), sampling=sampling, images=tuple(images))
+@dataclass(frozen=True)
+class DecodedRequest:
+    engine: EngineRequest  # what the engine runs (pad values in place)
+    prompt_ids: tuple[int, ...]  # the same prompt with the caller's ids, for reporting
+
+
+@dataclass(frozen=True)
+class RequestDecoder:
+    """Everything request validation needs, built once per server."""
+
+    info: ModelInfo
+    max_n: int
+    prepare_pixels: Callable[[torch.Tensor], torch.Tensor]
+    images: ImagePolicy
+
+    def decode(self, request: pb.GenerateRequest, request_id: str) -> DecodedRequest:
+        """Validate and convert; blocking (tensor decode, hashing, casts): call off the event loop."""
+        _refuse_unsupported(request)
+        if request.WhichOneof("input") != "tokenized":
+            raise InvalidArgument("tokenized: missing (this servicer takes token ids)")
+        ids = list(request.tokenized.input_ids)
+        _check_ids(ids, self.info)
+        images = []
+        if request.HasField("mm_inputs"):
+            if not self.info.supports_vision:
+                raise InvalidArgument(f"mm_inputs: model {self.info.served_model_name} takes no images")
+            ids, images = decode_images(request.mm_inputs, ids, self.info, self.prepare_pixels, self.images)
+        _check_length(ids, self.info)
+        sampling = sampling_options(request.sampling_params, len(ids), self.info, self.max_n)
+        engine_ids = engine_prompt_ids(ids, images, self.images)
+        engine = EngineRequest(request_id=request_id, prompt_ids=tuple(engine_ids), sampling=sampling, images=tuple(images))
+        return DecodedRequest(engine=engine, prompt_ids=tuple(ids))

@@ -169,15 +169,15 @@ class Capture:
 
 @pytest.fixture
 def capture(monkeypatch):
-    """Record Generate's input and output by wrapping the two module-level helpers it calls."""
+    """Record Generate's input and output by wrapping the request decoder and the accumulator."""
     cap = Capture()
-    to_engine_request = handlers.to_engine_request
+    decode = handlers.RequestDecoder.decode
 
-    def recording_to_engine_request(request, *args):
+    def recording_decode(self, request, *args):
         copy = pb.GenerateRequest()
         copy.CopyFrom(request)
         cap.requests.append(copy)
-        return to_engine_request(request, *args)
+        return decode(self, request, *args)
 
     class RecordingAccumulator(handlers.Accumulator):
         def completes(self):
@@ -185,7 +185,7 @@ def capture(monkeypatch):
                 cap.outputs.append(list(response.complete.output_ids))
                 yield response
 
-    monkeypatch.setattr(handlers, "to_engine_request", recording_to_engine_request)
+    monkeypatch.setattr(handlers.RequestDecoder, "decode", recording_decode)
     monkeypatch.setattr(handlers, "Accumulator", RecordingAccumulator)
     return cap
 
