@@ -185,6 +185,7 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
     @_guard
     async def GetServerInfo(self, request, context) -> pb.GetServerInfoResponse:
         info = self.engine.info
+        store = self.image_store.stats()
         return pb.GetServerInfoResponse(
             active_requests=len(self.in_flight),
             last_receive_timestamp=self.last_receive,
@@ -199,6 +200,12 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
             max_num_seqs=info.max_num_seqs,
             mm_item_limits=",".join(f"{m}={n}" for m, n in sorted(info.mm_item_limits.items()) if m == "image"),
             multimodal_encoder_dtype=str(info.dtype).removeprefix("torch."),
+            prefix_cache_hit_rate=self.engine.stats.prefix_cache_hit_rate,
+            mm_store_items=store.items,
+            mm_store_bytes=store.bytes,
+            mm_store_capacity_bytes=store.capacity_bytes,
+            mm_store_hits=store.hits,
+            mm_store_misses=store.misses,
         )
 
     @_guard

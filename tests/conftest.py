@@ -60,3 +60,17 @@ def oracle():
     from tests.oracle import Oracle
 
     return Oracle()
+
+
+@pytest_asyncio.fixture(scope="session")
+async def trust_stub(engine):
+    """A second server on the same engine, trusting the gateway's mm_hashes (--mm-hash-policy trust)."""
+    from servicer.config import ServerConfig
+    from servicer.server import create_server
+
+    config = ServerConfig(model=str(MODEL), port=0, mm_hash_policy="trust", shutdown_grace_s=1.0)
+    server = await create_server(config, engine)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        yield pb_grpc.VllmEngineStub(channel)
+    await server.grpc.stop(0)
+    server.servicer.close()
