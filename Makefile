@@ -36,5 +36,8 @@ serve: setup model
 test: setup model
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+bench: setup model
+	$(PY) -m bench.rollout
+
 clean:
 	rm -rf $(VENV) models proto/vlm_proto/*_pb2*.py proto/vlm_proto/*_pb2.pyi
