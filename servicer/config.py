@@ -20,7 +20,8 @@ class ServerConfig:
     max_concurrent_requests: int = 1024
     max_n: int = 16
     decode_workers: int = 4  # threads for tensor decode/hash/cast, off the event loop
-    shutdown_grace_s: float = 30.0
+    drain_timeout_s: float = 30.0
+    metrics_port: int | None = None  # Prometheus endpoint; None = off, 0 = pick a free port
     mm_hash_policy: str = "recompute"  # or "trust": use the gateway's mm_hashes as identities
     mm_pad_values: bool = True  # hash-derived ids at image embedding positions
     mm_store_gb: float = 2.0  # images kept for reference-by-hash (LRU by bytes)
@@ -36,8 +37,10 @@ class ServerConfig:
             raise ConfigError(f"--mm-hash-policy {self.mm_hash_policy}: must be recompute or trust")
         if self.mm_store_gb < 0:
             raise ConfigError(f"--mm-store-gb {self.mm_store_gb}: must not be negative")
-        if self.shutdown_grace_s < 0:
-            raise ConfigError(f"--shutdown-grace-s {self.shutdown_grace_s}: must not be negative")
+        if self.drain_timeout_s < 0:
+            raise ConfigError(f"--drain-timeout {self.drain_timeout_s}: must not be negative")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(f"--metrics-port {self.metrics_port}: must be in 0..65535")
 
 
 def add_serve_flags(parser: argparse.ArgumentParser) -> None:
@@ -51,8 +54,10 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-n", type=int, default=d.max_n, help="largest sampling_params.n accepted")
     parser.add_argument("--decode-workers", type=int, default=d.decode_workers,
                         help="threads decoding and casting tensors off the event loop")
-    parser.add_argument("--shutdown-grace-s", type=float, default=d.shutdown_grace_s,
-                        help="seconds in-flight calls get to finish on SIGTERM")
+    parser.add_argument("--drain-timeout", dest="drain_timeout_s", type=float, default=d.drain_timeout_s,
+                        help="seconds in-flight calls get to finish on SIGTERM before the engine stops")
+    parser.add_argument("--metrics-port", type=int, default=d.metrics_port,
+                        help="serve Prometheus metrics on this port (same host); off by default")
     parser.add_argument("--mm-hash-policy", choices=("recompute", "trust"), default=d.mm_hash_policy,
                         help="recompute: identify images by their bytes (safe); trust: use the gateway's mm_hashes")
     parser.add_argument("--mm-pad-values", action=argparse.BooleanOptionalAction, default=d.mm_pad_values,
@@ -65,7 +70,7 @@ def config_from_args(ns: argparse.Namespace, engine_args: list[str]) -> ServerCo
     return ServerConfig(
         model=ns.model, host=ns.host, port=ns.port, max_message_mb=ns.max_message_mb,
         max_concurrent_requests=ns.max_concurrent_requests, max_n=ns.max_n,
-        decode_workers=ns.decode_workers, shutdown_grace_s=ns.shutdown_grace_s,
+        decode_workers=ns.decode_workers, drain_timeout_s=ns.drain_timeout_s, metrics_port=ns.metrics_port,
         mm_hash_policy=ns.mm_hash_policy, mm_pad_values=ns.mm_pad_values, mm_store_gb=ns.mm_store_gb,
         engine_args=tuple(engine_args),
     )

@@ -19,8 +19,9 @@ import grpc
 
 from engine_adapter.engine import Engine
 from servicer.config import ServerConfig
-from servicer.errors import InvalidArgument, ResourceExhausted, status_for
+from servicer.errors import InvalidArgument, ResourceExhausted, Unavailable, status_for
 from servicer.image_store import ImageStore
+from servicer.metrics import Metrics
 from servicer.multimodal import ImagePolicy
 from servicer.requests import RequestDecoder
 from servicer.responses import Accumulator, StreamEncoder
@@ -40,6 +41,8 @@ class InFlight:
     completion_tokens: int = 0
     cached_tokens: int = 0
     finish_reason: str = ""
+    code: str = "OK"  # final gRPC status, for metrics and the log line
+    first_response: float | None = None
 
 
 async def _fail(context: grpc.aio.ServicerContext, exc: BaseException, what: str) -> None:
@@ -69,9 +72,11 @@ def _guard(rpc):
 
 
 class VllmEngineServicer(pb_grpc.VllmEngineServicer):
-    def __init__(self, engine: Engine, config: ServerConfig):
+    def __init__(self, engine: Engine, config: ServerConfig, metrics: Metrics):
         self.engine = engine
         self.config = config
+        self.metrics = metrics
+        self.draining = False
         self.in_flight: dict[str, InFlight] = {}
         self.started = time.time()
         self.last_receive = 0.0
@@ -84,6 +89,7 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
             store=self.image_store,
         )
         self.decoder = RequestDecoder(engine.info, config.max_n, engine.prepare_pixels, policy)
+        metrics.bind(lambda: len(self.in_flight), lambda: engine.stats.prefix_cache_hit_rate, self.image_store)
 
     def close(self) -> None:
         self._decode_pool.shutdown(wait=False, cancel_futures=True)
@@ -98,6 +104,7 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
             decoded = await asyncio.get_running_loop().run_in_executor(
                 self._decode_pool, self.decoder.decode, request, request_id
             )
+            self.metrics.mm_bytes.labels("inline").inc(decoded.mm_bytes)
             engine_request = decoded.engine
             state.prompt_tokens = len(engine_request.prompt_ids)
             if engine_request.images:
@@ -107,39 +114,57 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
                 )
             # Prompt logprobs are reported against the prompt as the engine ran it (placeholders
             # expanded), with the caller's own token ids (never the pad values).
-            prompt_ids = decoded.prompt_ids
-            encoder = StreamEncoder(prompt_ids) if request.stream else None
-            accumulated = Accumulator(prompt_ids) if not request.stream else None
+            encoder = StreamEncoder(decoded.prompt_ids) if request.stream else None
+            accumulated = Accumulator(decoded.prompt_ids) if not request.stream else None
             async for step in self.engine.generate(engine_request):
                 state.cached_tokens = step.cached_tokens
                 state.completion_tokens += sum(len(s.token_ids) for s in step.samples)
                 state.finish_reason = next((s.finish_reason for s in step.samples if s.finish_reason), state.finish_reason)
                 if encoder is not None:
                     for response in encoder.encode(step):
+                        state.first_response = state.first_response or time.monotonic()
                         yield response
                 else:
                     accumulated.add(step)
             if accumulated is not None:
                 for response in accumulated.completes():
+                    state.first_response = state.first_response or time.monotonic()
                     yield response
         except asyncio.CancelledError:
-            state.finish_reason = "cancelled"
+            remaining = context.time_remaining()
+            state.code = "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
             raise
         except Exception as exc:
             if isinstance(exc, grpc.aio.AbortError):
                 raise
-            state.finish_reason = "error"
+            state.code = status_for(exc)[0].name
             await _fail(context, exc, f"Generate {request_id}")
         finally:
             if self.in_flight.get(request_id) is state:
                 del self.in_flight[request_id]
-            logger.info(
-                "request %s done: finish=%s prompt=%d cached=%d completion=%d stream=%s %.1f ms",
-                request_id, state.finish_reason or "-", state.prompt_tokens, state.cached_tokens,
-                state.completion_tokens, state.stream, (time.monotonic() - state.started) * 1e3,
-            )
+            self._record(state)
+
+    def _record(self, state: InFlight) -> None:
+        """Metrics and the one log line per request."""
+        elapsed = time.monotonic() - state.started
+        m = self.metrics
+        m.requests.labels(state.code).inc()
+        m.latency.observe(elapsed)
+        if state.first_response is not None:
+            m.ttft.observe(state.first_response - state.started)
+        m.prompt_tokens.inc(state.prompt_tokens)
+        m.completion_tokens.inc(state.completion_tokens)
+        m.cached_tokens.inc(state.cached_tokens)
+        logger.info(
+            "request %s %s: finish=%s prompt=%d cached=%d completion=%d stream=%s ttft=%s total=%.1f ms",
+            state.request_id, state.code, state.finish_reason or "-", state.prompt_tokens, state.cached_tokens,
+            state.completion_tokens, state.stream,
+            f"{(state.first_response - state.started) * 1e3:.1f} ms" if state.first_response else "-", elapsed * 1e3,
+        )
 
     def _admit(self, request_id: str) -> None:
+        if self.draining:
+            raise Unavailable("server is shutting down; retry on another worker")
         if request_id in self.in_flight:
             raise InvalidArgument(f"request_id: '{request_id}' is already in flight")
         if len(self.in_flight) >= self.config.max_concurrent_requests:

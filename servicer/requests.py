@@ -94,10 +94,17 @@ def sampling_options(sp: pb.SamplingParams, prompt_len: int, info: ModelInfo, ma
     )
 
 
+def _tensors(mm: pb.MultimodalInputs):
+    if mm.HasField("pixel_values"):
+        yield mm.pixel_values
+    yield from mm.model_specific_tensors.values()
+
+
 @dataclass(frozen=True)
 class DecodedRequest:
     engine: EngineRequest  # what the engine runs (pad values in place)
     prompt_ids: tuple[int, ...]  # the same prompt with the caller's ids, for reporting
+    mm_bytes: int = 0  # tensor bytes this request carried
 
 
 @dataclass(frozen=True)
@@ -125,4 +132,5 @@ class RequestDecoder:
         sampling = sampling_options(request.sampling_params, len(ids), self.info, self.max_n)
         engine_ids = engine_prompt_ids(ids, images, self.images)
         engine = EngineRequest(request_id=request_id, prompt_ids=tuple(engine_ids), sampling=sampling, images=tuple(images))
-        return DecodedRequest(engine=engine, prompt_ids=tuple(ids))
+        mm_bytes = sum(len(t.inline) for t in _tensors(request.mm_inputs)) if request.HasField("mm_inputs") else 0
+        return DecodedRequest(engine=engine, prompt_ids=tuple(ids), mm_bytes=mm_bytes)

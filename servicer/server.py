@@ -11,6 +11,7 @@ from grpc_reflection.v1alpha import reflection
 from engine_adapter.engine import Engine, parse_engine_args, start_engine
 from servicer.config import ServerConfig
 from servicer.handlers import VllmEngineServicer
+from servicer.metrics import Metrics
 from vlm_proto import vllm_engine_pb2 as pb, vllm_engine_pb2_grpc as pb_grpc
 
 logger = logging.getLogger(__name__)
@@ -26,7 +27,8 @@ class Server:
         self.grpc = grpc.aio.server(
             options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
         )
-        self.servicer = VllmEngineServicer(engine, config)
+        self.metrics = Metrics()
+        self.servicer = VllmEngineServicer(engine, config, self.metrics)
         self.health = health.aio.HealthServicer()
         pb_grpc.add_VllmEngineServicer_to_server(self.servicer, self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
@@ -34,8 +36,12 @@ class Server:
         self.port = self.grpc.add_insecure_port(f"{config.host}:{config.port}")
         self.engine = engine
         self.config = config
+        self.metrics_port: int | None = None
 
     async def start(self) -> None:
+        if self.config.metrics_port is not None:
+            self.metrics_port = self.metrics.serve(self.config.host, self.config.metrics_port)
+            logger.info("metrics on http://%s:%d/metrics", self.config.host, self.metrics_port)
         await self.grpc.start()
         await self._set_serving(health_pb2.HealthCheckResponse.SERVING)
         logger.info("serving %s on %s:%d", self.engine.info.served_model_name, self.config.host, self.port)

@@ -1,5 +1,6 @@
 """One real vLLM CPU engine and one real gRPC server per test session, on loopback port 0."""
 
+import contextlib
 import os
 
 import grpc
@@ -36,7 +37,7 @@ async def server(engine):
     from servicer.config import ServerConfig
     from servicer.server import create_server
 
-    config = ServerConfig(model=str(MODEL), port=0, max_n=8, max_concurrent_requests=64, shutdown_grace_s=1.0)
+    config = ServerConfig(model=str(MODEL), port=0, max_n=8, max_concurrent_requests=64, drain_timeout_s=1.0, metrics_port=0)
     server = await create_server(config, engine)
     yield server
     await server.grpc.stop(0)
@@ -62,15 +63,23 @@ def oracle():
     return Oracle()
 
 
-@pytest_asyncio.fixture(scope="session")
-async def trust_stub(engine):
-    """A second server on the same engine, trusting the gateway's mm_hashes (--mm-hash-policy trust)."""
+@contextlib.asynccontextmanager
+async def extra_server(engine, **overrides):
+    """Another server (own config, own store) on the session's engine, with a stub to it."""
     from servicer.config import ServerConfig
     from servicer.server import create_server
 
-    config = ServerConfig(model=str(MODEL), port=0, mm_hash_policy="trust", shutdown_grace_s=1.0)
-    server = await create_server(config, engine)
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-        yield pb_grpc.VllmEngineStub(channel)
-    await server.grpc.stop(0)
-    server.servicer.close()
+    server = await create_server(ServerConfig(model=str(MODEL), port=0, drain_timeout_s=1.0, **overrides), engine)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            yield server, pb_grpc.VllmEngineStub(channel)
+    finally:
+        await server.grpc.stop(0)
+        server.servicer.close()
+
+
+@pytest_asyncio.fixture(scope="session")
+async def trust_stub(engine):
+    """A second server on the same engine, trusting the gateway's mm_hashes (--mm-hash-policy trust)."""
+    async with extra_server(engine, mm_hash_policy="trust") as (_, stub):
+        yield stub

@@ -1,0 +1,55 @@
+"""Prometheus metrics for the servicer, on a registry of our own (vLLM keeps its own)."""
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from servicer.image_store import ImageStore
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class Metrics:
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("vlm_requests", "Generate calls by final gRPC status code", ["code"], registry=r)
+        self.ttft = Histogram("vlm_time_to_first_token_seconds", "Time to the first response message",
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.latency = Histogram("vlm_request_latency_seconds", "End-to-end Generate latency",
+                                 buckets=LATENCY_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("vlm_prompt_tokens", "Prompt tokens run", registry=r)
+        self.completion_tokens = Counter("vlm_completion_tokens", "Tokens generated", registry=r)
+        self.cached_tokens = Counter("vlm_cached_tokens", "Prompt tokens served from the prefix cache", registry=r)
+        self.mm_bytes = Counter("vlm_mm_ingested_bytes", "Multimodal tensor bytes received, by transport",
+                                ["transport"], registry=r)
+        self.active = Gauge("vlm_active_requests", "Generate calls in flight", registry=r)
+        self.prefix_hit_rate = Gauge("vlm_prefix_cache_hit_rate", "Cumulative prefix-cache hit rate (tokens)", registry=r)
+
+    def bind(self, active: Callable[[], int], hit_rate: Callable[[], float], store: ImageStore) -> None:
+        """Gauges and the image store's figures are read live at scrape time."""
+        self.active.set_function(active)
+        self.prefix_hit_rate.set_function(hit_rate)
+        self.registry.register(_StoreCollector(store))
+
+    def serve(self, host: str, port: int) -> int:
+        """Start the HTTP endpoint (a daemon thread); return the bound port (port 0 picks one)."""
+        server, _ = start_http_server(port, addr=host, registry=self.registry)
+        return server.server_port
+
+
+class _StoreCollector:
+    """The reference-by-hash store's own counts, exported as they are."""
+
+    def __init__(self, store: ImageStore):
+        self.store = store
+
+    def collect(self):
+        stats = self.store.stats()
+        lookups = CounterMetricFamily("vlm_mm_store_lookups", "Reference-by-hash lookups", labels=["result"])
+        lookups.add_metric(["hit"], stats.hits)
+        lookups.add_metric(["miss"], stats.misses)
+        yield lookups
+        yield GaugeMetricFamily("vlm_mm_store_bytes", "Bytes held by the image store", value=stats.bytes)
+        yield GaugeMetricFamily("vlm_mm_store_items", "Images held by the image store", value=stats.items)
