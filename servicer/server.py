@@ -3,6 +3,7 @@
 import asyncio
 import logging
 import signal
+import time
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -17,6 +18,7 @@ from vlm_proto import vllm_engine_pb2 as pb, vllm_engine_pb2_grpc as pb_grpc
 logger = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["VllmEngine"].full_name
 ENGINE_WATCH_INTERVAL_S = 1.0
+DRAIN_POLL_S = 0.05
 
 
 class Server:
@@ -51,9 +53,18 @@ class Server:
             await self.health.set(name, status)
 
     async def stop(self) -> None:
-        """NOT_SERVING, then let in-flight calls finish within the grace period."""
+        """Drain: NOT_SERVING, refuse new calls (UNAVAILABLE), let in-flight ones finish within the drain timeout.
+
+        The gRPC server keeps answering (health says NOT_SERVING, Generate says UNAVAILABLE)
+        until in-flight calls are done or the timeout passes; whatever is left is cancelled.
+        """
         await self._set_serving(health_pb2.HealthCheckResponse.NOT_SERVING)
-        await self.grpc.stop(self.config.shutdown_grace_s)
+        self.servicer.draining = True
+        deadline = time.monotonic() + self.config.drain_timeout_s
+        logger.info("draining %d in-flight requests (up to %.0f s)", len(self.servicer.in_flight), self.config.drain_timeout_s)
+        while self.servicer.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(DRAIN_POLL_S)
+        await self.grpc.stop(max(0.0, deadline - time.monotonic()))
         self.servicer.close()
 
     async def watch_engine(self) -> None:
