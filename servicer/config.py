@@ -25,6 +25,7 @@ class ServerConfig:
     mm_hash_policy: str = "recompute"  # or "trust": use the gateway's mm_hashes as identities
     mm_pad_values: bool = True  # hash-derived ids at image embedding positions
     mm_store_gb: float = 2.0  # images kept for reference-by-hash (LRU by bytes)
+    mm_shm_keep: bool = False  # keep gateway shm segments after reading them (debugging)
     engine_args: tuple[str, ...] = field(default_factory=tuple)  # vLLM's own flags, passed through
 
     def __post_init__(self):
@@ -64,6 +65,8 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
                         help="replace image pad ids by identity-derived ids in what the engine sees")
     parser.add_argument("--mm-store-gb", type=float, default=d.mm_store_gb,
                         help="memory for images kept for reference-by-hash (0 disables)")
+    parser.add_argument("--mm-shm-keep", action="store_true", default=d.mm_shm_keep,
+                        help="do not unlink gateway shared-memory segments after reading them (debugging)")
 
 
 def config_from_args(ns: argparse.Namespace, engine_args: list[str]) -> ServerConfig:
@@ -72,5 +75,6 @@ def config_from_args(ns: argparse.Namespace, engine_args: list[str]) -> ServerCo
         max_concurrent_requests=ns.max_concurrent_requests, max_n=ns.max_n,
         decode_workers=ns.decode_workers, drain_timeout_s=ns.drain_timeout_s, metrics_port=ns.metrics_port,
         mm_hash_policy=ns.mm_hash_policy, mm_pad_values=ns.mm_pad_values, mm_store_gb=ns.mm_store_gb,
+        mm_shm_keep=ns.mm_shm_keep,
         engine_args=tuple(engine_args),
     )

@@ -20,7 +20,9 @@ import grpc
 from engine_adapter.engine import Engine
 from servicer.config import ServerConfig
 from servicer.errors import InvalidArgument, ResourceExhausted, Unavailable, status_for
+from servicer import shm
 from servicer.image_store import ImageStore
+from servicer.shm import ConsumedSegments
 from servicer.metrics import Metrics
 from servicer.multimodal import ImagePolicy
 from servicer.requests import RequestDecoder
@@ -87,7 +89,10 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
             pad_values=config.mm_pad_values,
             pad_candidates=engine.ordinary_token_ids,
             store=self.image_store,
+            consumed=ConsumedSegments(),
+            unlink_shm=not config.mm_shm_keep,
         )
+        self.shm_namespace_id = shm.namespace_id()
         self.decoder = RequestDecoder(engine.info, config.max_n, engine.prepare_pixels, policy)
         metrics.bind(lambda: len(self.in_flight), lambda: engine.stats.prefix_cache_hit_rate, self.image_store)
 
@@ -104,7 +109,8 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
             decoded = await asyncio.get_running_loop().run_in_executor(
                 self._decode_pool, self.decoder.decode, request, request_id
             )
-            self.metrics.mm_bytes.labels("inline").inc(decoded.mm_bytes)
+            for transport, nbytes in decoded.mm_bytes.items():
+                self.metrics.mm_bytes.labels(transport).inc(nbytes)
             engine_request = decoded.engine
             state.prompt_tokens = len(engine_request.prompt_ids)
             if engine_request.images:
@@ -217,7 +223,7 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
             uptime_seconds=time.time() - self.started,
             server_type="vlm-servicer",
             data_parallel_size=info.data_parallel_size,
-            shm_namespace_id="",  # inline transport only (shared memory is not served yet)
+            shm_namespace_id=self.shm_namespace_id,
             kv_cache_dtype=info.kv_cache_dtype,
             block_size=info.block_size,
             model_dtype=str(info.dtype),

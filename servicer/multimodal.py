@@ -17,17 +17,18 @@ from servicer.errors import FailedPrecondition, InvalidArgument, ResourceExhaust
 from servicer.identity import image_identity, pad_values
 from servicer.image_store import ImageStore, StoredImage
 from servicer.placeholders import place_images
-from servicer.tensors import decode_tensor
+from servicer.shm import ConsumedSegments
+from servicer.tensors import SegmentGone, decode_tensor
 from vlm_proto import common_pb2, vllm_engine_pb2 as pb
 
 GRID_KEY = "image_grid_thw"
 
 
-def _grid(mm: pb.MultimodalInputs) -> torch.Tensor:
+def _grid(mm: pb.MultimodalInputs, unlink_shm: bool) -> torch.Tensor:
     if GRID_KEY not in mm.model_specific_tensors:
         raise InvalidArgument(f"mm_inputs.model_specific_tensors: missing '{GRID_KEY}'")
     field = f"mm_inputs.model_specific_tensors['{GRID_KEY}']"
-    grid = decode_tensor(field, mm.model_specific_tensors[GRID_KEY])
+    grid = decode_tensor(field, mm.model_specific_tensors[GRID_KEY], unlink_shm)
     if grid.is_floating_point() or grid.dim() != 2 or grid.shape[1] != 3:
         raise InvalidArgument(f"{field}: must be an integer tensor of shape [num_images, 3], got {list(grid.shape)} {grid.dtype}")
     grid = grid.to(torch.int64)
@@ -36,7 +37,7 @@ def _grid(mm: pb.MultimodalInputs) -> torch.Tensor:
     return grid
 
 
-def _rows_per_image(mm: pb.MultimodalInputs, rows: list[int]) -> list[int]:
+def _rows_per_image(mm: pb.MultimodalInputs, rows: list[int], unlink_shm: bool) -> list[int]:
     """Rows each image has in pixel_values: its grid's, or 0 for a reference (flat_keys sizes say 0)."""
     sent = rows
     for key, sizes_key in mm.flat_keys.items():
@@ -44,7 +45,7 @@ def _rows_per_image(mm: pb.MultimodalInputs, rows: list[int]) -> list[int]:
             raise InvalidArgument(f"mm_inputs.flat_keys: unexpected tensor '{key}' (only pixel_values is flat)")
         if sizes_key not in mm.model_specific_tensors:
             raise InvalidArgument(f"mm_inputs.flat_keys['pixel_values']: sizes tensor '{sizes_key}' is missing")
-        sizes = decode_tensor(f"mm_inputs.model_specific_tensors['{sizes_key}']", mm.model_specific_tensors[sizes_key])
+        sizes = decode_tensor(f"mm_inputs.model_specific_tensors['{sizes_key}']", mm.model_specific_tensors[sizes_key], unlink_shm)
         sent = sizes.flatten().to(torch.int64).tolist()
         if len(sent) != len(rows) or any(s not in (0, r) for s, r in zip(sent, rows)):
             raise InvalidArgument(
@@ -79,6 +80,8 @@ class ImagePolicy:
     pad_values: bool  # --mm-pad-values
     pad_candidates: tuple[int, ...]  # ordinary in-vocabulary token ids
     store: ImageStore
+    consumed: ConsumedSegments  # shm segments already read, for gateway retries
+    unlink_shm: bool = True  # --no-mm-shm-keep
 
 
 def _identities(mm: pb.MultimodalInputs, raw: list[torch.Tensor | None], grids: list[tuple], trust: bool) -> list[str]:
@@ -126,6 +129,26 @@ def _resolve(identities, ready, grids, store: ImageStore) -> list[torch.Tensor]:
     return out
 
 
+def _pixels(mm: pb.MultimodalInputs, policy: ImagePolicy) -> torch.Tensor | None:
+    """The batch's pixel rows; None when there are none, or when they came in a segment we already consumed."""
+    if not mm.HasField("pixel_values"):
+        return None
+    try:
+        return decode_tensor("mm_inputs.pixel_values", mm.pixel_values, policy.unlink_shm)
+    except SegmentGone as gone:
+        if policy.consumed.identities(gone.name) is None:
+            raise
+        return None
+
+
+def _with_hashes(mm: pb.MultimodalInputs, hashes: list[str]) -> pb.MultimodalInputs:
+    copy = pb.MultimodalInputs()
+    copy.CopyFrom(mm)
+    del copy.mm_hashes[:]
+    copy.mm_hashes.extend(hashes)
+    return copy
+
+
 def decode_images(
     mm: pb.MultimodalInputs,
     prompt_ids: list[int],
@@ -142,19 +165,19 @@ def decode_images(
         raise InvalidArgument(f"mm_inputs.modality: {common_pb2.Modality.Name(mm.modality)} is not supported (images only)")
     if mm.HasField("encoder_input_key") and mm.encoder_input_key != "pixel_values":
         raise InvalidArgument(f"mm_inputs.encoder_input_key: '{mm.encoder_input_key}' is not supported (pixel_values)")
-    grid = _grid(mm)
+    grid = _grid(mm, policy.unlink_shm)
     num_images = grid.shape[0]
     limit = info.mm_item_limits.get("image", 0)
     if num_images > limit:
         raise ResourceExhausted(f"mm_inputs: {num_images} images exceed this engine's limit of {limit} per prompt")
     _check_layout_keys(mm, num_images)
     rows = grid.prod(-1).tolist()
-    sent_rows = _rows_per_image(mm, rows) if mm.HasField("pixel_values") else [0] * num_images
+    sent_rows = _rows_per_image(mm, rows, policy.unlink_shm) if mm.HasField("pixel_values") else [0] * num_images
     if mm.mm_hashes and len(mm.mm_hashes) != num_images:
         raise InvalidArgument(f"mm_inputs.mm_hashes: {len(mm.mm_hashes)} hashes for {num_images} images")
     raw, ready = [None] * num_images, [None] * num_images
-    if mm.HasField("pixel_values"):
-        pixels = decode_tensor("mm_inputs.pixel_values", mm.pixel_values)
+    pixels = _pixels(mm, policy)
+    if pixels is not None:
         if pixels.dim() != 2 or pixels.shape[0] != sum(sent_rows) or pixels.shape[1] != info.patch_dim:
             raise InvalidArgument(
                 f"mm_inputs.pixel_values: shape {list(pixels.shape)}, but {GRID_KEY} implies "
@@ -167,7 +190,18 @@ def decode_images(
     merge = info.spatial_merge_size
     ids, placements = place_images(prompt_ids, pad_id, [r // (merge * merge) for r in rows], [(p.offset, p.length) for p in mm.mm_placeholders])
     grids = [tuple(thw) for thw in grid.tolist()]
+    if pixels is None and mm.HasField("pixel_values"):  # a retry naming a segment we consumed
+        carried = [i for i, n in enumerate(sent_rows) if n]
+        remembered = policy.consumed.identities(mm.pixel_values.shm.name)
+        if len(remembered) != len(carried):
+            raise InvalidArgument(f"mm_inputs.pixel_values.shm: segment {mm.pixel_values.shm.name!r} carried {len(remembered)} images, not {len(carried)}")
+        identities = list(mm.mm_hashes) or [""] * num_images
+        for i, ident in zip(carried, remembered):
+            identities[i] = ident
+        mm = _with_hashes(mm, identities)
     identities = _identities(mm, raw, grids, policy.trust_gateway_hashes)
+    if pixels is not None and mm.pixel_values.WhichOneof("payload") == "shm":
+        policy.consumed.remember(mm.pixel_values.shm.name, tuple(identities[i] for i, n in enumerate(sent_rows) if n))
     ready = _resolve(identities, ready, grids, policy.store)
     return ids, [
         ImageInput(pixel_values=px, grid_thw=thw, identity=ident, offset=place.offset, length=place.length, is_embed=place.is_embed)

@@ -1,7 +1,7 @@
 """GenerateRequest -> EngineRequest: every check a client can fail, each naming its field."""
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -104,7 +104,7 @@ def _tensors(mm: pb.MultimodalInputs):
 class DecodedRequest:
     engine: EngineRequest  # what the engine runs (pad values in place)
     prompt_ids: tuple[int, ...]  # the same prompt with the caller's ids, for reporting
-    mm_bytes: int = 0  # tensor bytes this request carried
+    mm_bytes: dict[str, int] = field(default_factory=dict)  # tensor bytes this request carried, by transport
 
 
 @dataclass(frozen=True)
@@ -132,5 +132,8 @@ class RequestDecoder:
         sampling = sampling_options(request.sampling_params, len(ids), self.info, self.max_n)
         engine_ids = engine_prompt_ids(ids, images, self.images)
         engine = EngineRequest(request_id=request_id, prompt_ids=tuple(engine_ids), sampling=sampling, images=tuple(images))
-        mm_bytes = sum(len(t.inline) for t in _tensors(request.mm_inputs)) if request.HasField("mm_inputs") else 0
+        mm_bytes: dict[str, int] = {}
+        for t in _tensors(request.mm_inputs) if request.HasField("mm_inputs") else ():
+            transport = t.WhichOneof("payload")
+            mm_bytes[transport] = mm_bytes.get(transport, 0) + (len(t.inline) if transport == "inline" else t.shm.nbytes)
         return DecodedRequest(engine=engine, prompt_ids=tuple(ids), mm_bytes=mm_bytes)

@@ -1,7 +1,8 @@
 """Decode `TensorData` (little-endian bytes + shape + dtype) into torch tensors.
 
 One allow-list of dtypes, an exact byte-length check, and no copy: the tensor
-views the message's bytes until the single cast to the model dtype.
+views the message's bytes (inline) or the gateway's shared-memory segment (shm)
+until the single cast to the model dtype.
 """
 
 import math
@@ -9,7 +10,8 @@ import warnings
 
 import torch
 
-from servicer.errors import InvalidArgument
+from servicer.errors import FailedPrecondition, InvalidArgument
+from servicer.shm import ShmError, attach
 from vlm_proto import vllm_engine_pb2 as pb
 
 DTYPES: dict[str, torch.dtype] = {
@@ -22,8 +24,17 @@ DTYPES: dict[str, torch.dtype] = {
 }
 
 
-def decode_tensor(field: str, tensor: pb.TensorData) -> torch.Tensor:
-    """Return a read-only view of the tensor's inline bytes; `field` names it in errors."""
+class SegmentGone(FailedPrecondition):
+    """The named shared-memory segment no longer exists (e.g. a gateway retry after we consumed it)."""
+
+    def __init__(self, field: str, name: str):
+        super().__init__(f"{field}.shm: segment {name!r} no longer exists (consumed by an earlier attempt?); resend the tensor",
+                         metadata=(("vlm-missing-shm-segments", name),))
+        self.name = name
+
+
+def decode_tensor(field: str, tensor: pb.TensorData, unlink_shm: bool = True) -> torch.Tensor:
+    """Return a read-only view of the tensor's bytes; `field` names it in errors."""
     dtype = DTYPES.get(tensor.dtype)
     if dtype is None:
         raise InvalidArgument(f"{field}.dtype: unsupported dtype {tensor.dtype!r} (allowed: {', '.join(DTYPES)})")
@@ -31,16 +42,25 @@ def decode_tensor(field: str, tensor: pb.TensorData) -> torch.Tensor:
     if not shape:
         raise InvalidArgument(f"{field}.shape: must have at least one dimension")
     payload = tensor.WhichOneof("payload")
-    if payload != "inline":
-        if payload is None:
-            raise InvalidArgument(f"{field}: no payload (set inline bytes)")
-        raise InvalidArgument(f"{field}.{payload}: not supported; send the tensor as inline bytes")
-    data = tensor.inline
     expected = math.prod(shape) * dtype.itemsize
-    if len(data) != expected:
-        raise InvalidArgument(
-            f"{field}: {len(data)} bytes but shape {list(shape)} of {tensor.dtype} needs {expected}"
-        )
+    if payload == "inline":
+        data = tensor.inline
+        if len(data) != expected:
+            raise InvalidArgument(f"{field}: {len(data)} bytes but shape {list(shape)} of {tensor.dtype} needs {expected}")
+    elif payload == "shm":
+        handle = tensor.shm
+        try:  # attach (and so unlink) before any other check: a refused request leaks no segment
+            data = attach(handle.name, handle.offset, handle.nbytes, unlink_shm)
+        except ShmError as exc:
+            if exc.missing:
+                raise SegmentGone(field, handle.name) from None
+            raise InvalidArgument(f"{field}.shm: {exc}") from None
+        if handle.nbytes != expected:
+            raise InvalidArgument(f"{field}.shm.nbytes: {handle.nbytes} but shape {list(shape)} of {tensor.dtype} needs {expected}")
+    elif payload is None:
+        raise InvalidArgument(f"{field}: no payload (set inline bytes or a shm handle)")
+    else:
+        raise InvalidArgument(f"{field}.{payload}: not supported; send inline bytes or a shm handle")
     if expected == 0:
         return torch.empty(shape, dtype=dtype)
     # frombuffer warns on read-only buffers; the view is never written to.

@@ -60,7 +60,7 @@ def _bad_requests(oracle, one_image, vocab, max_len):
         "shm payload": (
             request(ids, mm=pb.MultimodalInputs(
                 pixel_values=pb.TensorData(shape=list(pv.shape), dtype="float32",
-                                           shm=common_pb2.ShmHandle(name="x", nbytes=pv.numel() * 4)),
+                                           shm=common_pb2.ShmHandle(name="../etc/passwd", nbytes=pv.numel() * 4)),
                 model_specific_tensors={"image_grid_thw": tensor(grid)}), max_tokens=4),
             INVALID, "mm_inputs.pixel_values.shm"),
         "unexpected tensor": (request(ids, mm=extra_tensor, max_tokens=4), INVALID, "unexpected ['foo']"),

@@ -138,14 +138,27 @@ async def _stop(proc: subprocess.Popen) -> None:
 
 @pytest.fixture(scope="module")
 async def gateway(server, model_path, tmp_path_factory):
-    """`smg launch` in front of the session's servicer; its log goes to a tmp file."""
+    """`smg launch` (inline tensors) in front of the session's servicer."""
+    async for gw in _launch(server, model_path, tmp_path_factory, "inline"):
+        yield gw
+
+
+@pytest.fixture(scope="module")
+async def shm_gateway(server, model_path, tmp_path_factory):
+    """`smg launch --multimodal-tensor-transport shm` in front of the session's servicer."""
+    async for gw in _launch(server, model_path, tmp_path_factory, "shm"):
+        yield gw
+
+
+async def _launch(server, model_path, tmp_path_factory, transport: str):
+    """Start SMG (log to a tmp file), yield it once ready, stop it by pid."""
     log = tmp_path_factory.mktemp("smg") / "smg.log"
     port, metrics_port = _free_port(), _free_port()
     cmd = [
         SMG, "launch", "--worker-urls", f"grpc://127.0.0.1:{server.port}",
         "--host", "127.0.0.1", "--port", str(port),
         "--prometheus-port", str(metrics_port), "--prometheus-host", "127.0.0.1",
-        "--model-path", model_path, "--multimodal-tensor-transport", "inline",
+        "--model-path", model_path, "--multimodal-tensor-transport", transport,
     ]
     started = time.monotonic()
     with open(log, "wb") as out:
@@ -309,3 +322,24 @@ async def test_streamed_chat_completion_through_smg_matches_direct_grpc(gateway,
         served = await _replay(stub, sent, stream=False)
         _same_text(streamed, served, oracle)
         assert finish == ["length" if len(served) == MAX_TOKENS else "stop"]
+
+
+async def test_shm_transport_through_smg(shm_gateway, capture, server, oracle):
+    """SMG publishes the pixels in /dev/shm; we read them through a memory map, unlink them, answer right."""
+    text, sizes = CASES["one_image"]
+    pil = [image(w, h, seed) for w, h, seed in sizes]
+    shm_before = server.metrics.mm_bytes.labels("shm")._value.get()
+    with shm_gateway.dump_log_on_failure():
+        status, answer = await shm_gateway.chat(_chat_body(shm_gateway.model, text, pil))
+        assert status == 200, f"HTTP {status}: {answer}"
+        [sent] = capture.requests
+        handle = sent.mm_inputs.pixel_values
+        assert handle.WhichOneof("payload") == "shm", "SMG did not use shared memory"
+        assert not os.path.exists(f"/dev/shm/{handle.shm.name}")  # consumed and unlinked
+        assert server.metrics.mm_bytes.labels("shm")._value.get() - shm_before == handle.shm.nbytes
+        imgs = oracle.images(pil)
+        expected_ids = oracle.chat_ids(text, len(pil), imgs.tokens_per_image)
+        reference, gaps = await asyncio.to_thread(oracle.greedy, expected_ids, imgs, MAX_TOKENS)
+        [served] = capture.outputs
+        parted = next((i for i, (a, b) in enumerate(zip(served, reference)) if a != b), None)
+        assert parted is None or gaps[parted] < TIE_GAP, (served, reference)
