@@ -129,16 +129,17 @@ def _resolve(identities, ready, grids, store: ImageStore) -> list[torch.Tensor]:
     return out
 
 
-def _pixels(mm: pb.MultimodalInputs, policy: ImagePolicy) -> torch.Tensor | None:
-    """The batch's pixel rows; None when there are none, or when they came in a segment we already consumed."""
+def _pixels(mm: pb.MultimodalInputs, policy: ImagePolicy) -> tuple[torch.Tensor | None, SegmentGone | None]:
+    """The batch's pixel rows; None when there are none, or (with the error) when they came
+    in a segment we already consumed, whose images may still be in the store."""
     if not mm.HasField("pixel_values"):
-        return None
+        return None, None
     try:
-        return decode_tensor("mm_inputs.pixel_values", mm.pixel_values, policy.unlink_shm)
+        return decode_tensor("mm_inputs.pixel_values", mm.pixel_values, policy.unlink_shm), None
     except SegmentGone as gone:
         if policy.consumed.identities(gone.name) is None:
             raise
-        return None
+        return None, gone
 
 
 def _with_hashes(mm: pb.MultimodalInputs, hashes: list[str]) -> pb.MultimodalInputs:
@@ -176,7 +177,7 @@ def decode_images(
     if mm.mm_hashes and len(mm.mm_hashes) != num_images:
         raise InvalidArgument(f"mm_inputs.mm_hashes: {len(mm.mm_hashes)} hashes for {num_images} images")
     raw, ready = [None] * num_images, [None] * num_images
-    pixels = _pixels(mm, policy)
+    pixels, gone = _pixels(mm, policy)
     if pixels is not None:
         if pixels.dim() != 2 or pixels.shape[0] != sum(sent_rows) or pixels.shape[1] != info.patch_dim:
             raise InvalidArgument(
@@ -190,7 +191,7 @@ def decode_images(
     merge = info.spatial_merge_size
     ids, placements = place_images(prompt_ids, pad_id, [r // (merge * merge) for r in rows], [(p.offset, p.length) for p in mm.mm_placeholders])
     grids = [tuple(thw) for thw in grid.tolist()]
-    if pixels is None and mm.HasField("pixel_values"):  # a retry naming a segment we consumed
+    if gone is not None:  # a retry naming a segment we consumed
         carried = [i for i, n in enumerate(sent_rows) if n]
         remembered = policy.consumed.identities(mm.pixel_values.shm.name)
         if len(remembered) != len(carried):
@@ -202,7 +203,12 @@ def decode_images(
     identities = _identities(mm, raw, grids, policy.trust_gateway_hashes)
     if pixels is not None and mm.pixel_values.WhichOneof("payload") == "shm":
         policy.consumed.remember(mm.pixel_values.shm.name, tuple(identities[i] for i, n in enumerate(sent_rows) if n))
-    ready = _resolve(identities, ready, grids, policy.store)
+    try:
+        ready = _resolve(identities, ready, grids, policy.store)
+    except FailedPrecondition:
+        if gone is None:
+            raise
+        raise gone from None  # name the segment the gateway retried, not our identities
     return ids, [
         ImageInput(pixel_values=px, grid_thw=thw, identity=ident, offset=place.offset, length=place.length, is_embed=place.is_embed)
         for px, thw, ident, place in zip(ready, grids, identities, placements)
