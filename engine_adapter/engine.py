@@ -22,6 +22,7 @@ from engine_adapter.outputs import to_step_output
 from engine_adapter.pixels import prepare_pixels
 from engine_adapter.prompt import build_engine_input
 from engine_adapter.sampling import to_sampling_params
+from engine_adapter.shm_ring import claim_ring_name
 from engine_adapter.types import EngineRequest, EngineStats, ModelInfo, StepOutput
 
 logger = logging.getLogger(__name__)
@@ -65,11 +66,17 @@ class Engine:
         self._mm_processor = llm.renderer.get_mm_processor() if self.info.supports_vision else None
         self.version = vllm.__version__
         self.ordinary_token_ids = ordinary_token_ids(llm.get_tokenizer(), self.info.vocab_size)
+        mm_config = llm.vllm_config.model_config.multimodal_config
+        # With vLLM's shared-memory processor cache, each image is written once per identity
+        # into a ring every rank maps, and requests carry only its address.
+        self.shares_mm_by_shm = bool(mm_config and mm_config.mm_processor_cache_type == "shm")
 
     @classmethod
     def start(cls, args: AsyncEngineArgs) -> "Engine":
         """Build the engine (blocking: ~30 s on CPU). Call under `if __name__ == "__main__"`."""
         stats = EngineStats()
+        if args.mm_processor_cache_type == "shm":
+            logger.info("multimodal items shared with the engine's ranks through shared memory ring %s", claim_ring_name())
         llm = AsyncLLM.from_engine_args(args, stat_loggers=[lambda config, index=0: _StatsRecorder(stats)])
         return cls(llm, stats)
 
@@ -85,7 +92,7 @@ class Engine:
         as our own error types.
         """
         sampling = to_sampling_params(request.sampling)
-        engine_input = build_engine_input(request, self._mm_processor)
+        engine_input = build_engine_input(request, self._mm_processor, self._publish if self.shares_mm_by_shm else None)
         first = True
         try:
             async for output in self._llm.generate(engine_input, sampling, request.request_id):
@@ -95,6 +102,14 @@ class Engine:
             raise EngineDeadError(str(exc)) from exc
         except VLLMClientError as exc:
             raise EngineRequestError(str(exc)) from exc
+
+    def _publish(self, hashes: list[str], items: list) -> None:
+        """Write each new identity's item into the ring once; items become addresses."""
+        cache = self._llm.renderer.mm_processor_cache
+        reused = sum(cache.is_cached_item(h) for h in hashes)
+        self._llm.input_processor.inject_into_mm_cache({"image": hashes}, {"image": items})
+        self.stats.mm_items_published += len(hashes) - reused
+        self.stats.mm_items_reused += reused
 
     async def abort(self, request_ids: Sequence[str]) -> None:
         await self._llm.abort(list(request_ids))

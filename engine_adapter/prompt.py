@@ -25,12 +25,19 @@ def _image_item(mm_processor, image: ImageInput):
     return items["image"][0]
 
 
-def build_engine_input(request: EngineRequest, mm_processor):
-    """The dict `AsyncLLM.generate` accepts for pre-tokenized, pre-processed input."""
+def build_engine_input(request: EngineRequest, mm_processor, publish=None):
+    """The dict `AsyncLLM.generate` accepts for pre-tokenized, pre-processed input.
+
+    `publish(hashes, items)`, when given, may replace items in place by handles to a copy
+    the engine's ranks already share (vLLM's shared-memory object store).
+    """
     ids = list(request.prompt_ids)
     if not request.images:
         return tokens_input(ids)
     items = [_image_item(mm_processor, image) for image in request.images]
+    hashes = [image.identity for image in request.images]
+    if publish is not None:
+        publish(hashes, items)
     placeholders = [
         PlaceholderRange(
             offset=image.offset,
@@ -42,6 +49,6 @@ def build_engine_input(request: EngineRequest, mm_processor):
     return mm_input(
         prompt_token_ids=ids,
         mm_kwargs=MultiModalKwargsItems({"image": items}),
-        mm_hashes={"image": [image.identity for image in request.images]},
+        mm_hashes={"image": hashes},
         mm_placeholders={"image": placeholders},
     )

@@ -124,6 +124,8 @@ class EngineStats:
     kv_cache_usage: float = 0.0
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
+    mm_items_published: int = 0  # items written to the ranks' shared-memory ring
+    mm_items_reused: int = 0  # items whose identity was already there (no bytes sent)
 
     @property
     def prefix_cache_hit_rate(self) -> float:

@@ -237,6 +237,8 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
             mm_store_capacity_bytes=store.capacity_bytes,
             mm_store_hits=store.hits,
             mm_store_misses=store.misses,
+            mm_items_published=self.engine.stats.mm_items_published,
+            mm_items_reused=self.engine.stats.mm_items_reused,
         )
 
     @_guard

@@ -23,12 +23,12 @@ START_TIMEOUT_S = 300
 
 
 class ServicerProcess:
-    def __init__(self, log_path, *flags):
+    def __init__(self, log_path, *flags, env=None):
         self.log_path = log_path
         self.log = open(log_path, "w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "servicer.cli", "serve", "--model", str(MODEL), "--port", "0", *flags, *ENGINE_ARGS],
-            stdout=self.log, stderr=subprocess.STDOUT,
+            [sys.executable, "-m", "servicer.cli", "serve", "--model", str(MODEL), "--port", "0", *ENGINE_ARGS, *flags],
+            stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
         )
         self.port = None
 
@@ -70,8 +70,8 @@ class ServicerProcess:
 def servicer_process(tmp_path):
     started = []
 
-    def start(*flags):
-        p = ServicerProcess(tmp_path / f"servicer{len(started)}.log", *flags)
+    def start(*flags, env=None):
+        p = ServicerProcess(tmp_path / f"servicer{len(started)}.log", *flags, env=env)
         started.append(p)
         p.wait_ready()
         return p
