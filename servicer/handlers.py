@@ -106,9 +106,10 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
         try:
             self._admit(request_id)
             self.in_flight[request_id] = state
-            decoded = await asyncio.get_running_loop().run_in_executor(
-                self._decode_pool, self.decoder.decode, request, request_id
-            )
+            with self.metrics.decode.time():
+                decoded = await asyncio.get_running_loop().run_in_executor(
+                    self._decode_pool, self.decoder.decode, request, request_id
+                )
             for transport, nbytes in decoded.mm_bytes.items():
                 self.metrics.mm_bytes.labels(transport).inc(nbytes)
             engine_request = decoded.engine

@@ -19,6 +19,9 @@ class Metrics:
                               buckets=LATENCY_BUCKETS, registry=r)
         self.latency = Histogram("vlm_request_latency_seconds", "End-to-end Generate latency",
                                  buckets=LATENCY_BUCKETS, registry=r)
+        self.decode = Histogram("vlm_request_decode_seconds",
+                                "Servicer-side ingest: validation, tensor decode (inline or shm), hashing, casts",
+                                buckets=LATENCY_BUCKETS, registry=r)
         self.prompt_tokens = Counter("vlm_prompt_tokens", "Prompt tokens run", registry=r)
         self.completion_tokens = Counter("vlm_completion_tokens", "Tokens generated", registry=r)
         self.cached_tokens = Counter("vlm_cached_tokens", "Prompt tokens served from the prefix cache", registry=r)
