@@ -142,6 +142,36 @@ def _pixels(mm: pb.MultimodalInputs, policy: ImagePolicy) -> tuple[torch.Tensor 
         return None, gone
 
 
+def _split(pixels, sent_rows: list[int], patch_dim: int, prepare_pixels) -> tuple[list, list]:
+    """Per image: the rows as sent (for hashing) and engine-ready (one cast for the batch); None where not sent."""
+    num_images = len(sent_rows)
+    raw, ready = [None] * num_images, [None] * num_images
+    if pixels is None:
+        return raw, ready
+    if pixels.dim() != 2 or pixels.shape[0] != sum(sent_rows) or pixels.shape[1] != patch_dim:
+        raise InvalidArgument(
+            f"mm_inputs.pixel_values: shape {list(pixels.shape)}, but {GRID_KEY} implies "
+            f"[{sum(sent_rows)}, {patch_dim}] ({sent_rows} rows per image)"
+        )
+    for i, (r, p) in enumerate(zip(torch.split(pixels, sent_rows), torch.split(prepare_pixels(pixels), sent_rows))):
+        if sent_rows[i]:
+            raw[i], ready[i] = r, p
+    return raw, ready
+
+
+def _retried_identities(mm: pb.MultimodalInputs, sent_rows: list[int], policy: ImagePolicy) -> list[str]:
+    """The identities a consumed segment carried, placed on the images that had rows in it."""
+    name = mm.pixel_values.shm.name
+    carried = [i for i, n in enumerate(sent_rows) if n]
+    remembered = policy.consumed.identities(name)
+    if len(remembered) != len(carried):
+        raise InvalidArgument(f"mm_inputs.pixel_values.shm: segment {name!r} carried {len(remembered)} images, not {len(carried)}")
+    identities = list(mm.mm_hashes) or [""] * len(sent_rows)
+    for i, ident in zip(carried, remembered):
+        identities[i] = ident
+    return identities
+
+
 def _with_hashes(mm: pb.MultimodalInputs, hashes: list[str]) -> pb.MultimodalInputs:
     copy = pb.MultimodalInputs()
     copy.CopyFrom(mm)
@@ -176,30 +206,14 @@ def decode_images(
     sent_rows = _rows_per_image(mm, rows, policy.unlink_shm) if mm.HasField("pixel_values") else [0] * num_images
     if mm.mm_hashes and len(mm.mm_hashes) != num_images:
         raise InvalidArgument(f"mm_inputs.mm_hashes: {len(mm.mm_hashes)} hashes for {num_images} images")
-    raw, ready = [None] * num_images, [None] * num_images
     pixels, gone = _pixels(mm, policy)
-    if pixels is not None:
-        if pixels.dim() != 2 or pixels.shape[0] != sum(sent_rows) or pixels.shape[1] != info.patch_dim:
-            raise InvalidArgument(
-                f"mm_inputs.pixel_values: shape {list(pixels.shape)}, but {GRID_KEY} implies "
-                f"[{sum(sent_rows)}, {info.patch_dim}] ({sent_rows} rows per image)"
-            )
-        for i, (r, p) in enumerate(zip(torch.split(pixels, sent_rows), torch.split(prepare_pixels(pixels), sent_rows))):
-            if sent_rows[i]:
-                raw[i], ready[i] = r, p
+    raw, ready = _split(pixels, sent_rows, info.patch_dim, prepare_pixels)
     pad_id = mm.im_token_id if mm.HasField("im_token_id") else info.image_token_id
     merge = info.spatial_merge_size
     ids, placements = place_images(prompt_ids, pad_id, [r // (merge * merge) for r in rows], [(p.offset, p.length) for p in mm.mm_placeholders])
     grids = [tuple(thw) for thw in grid.tolist()]
-    if gone is not None:  # a retry naming a segment we consumed
-        carried = [i for i, n in enumerate(sent_rows) if n]
-        remembered = policy.consumed.identities(mm.pixel_values.shm.name)
-        if len(remembered) != len(carried):
-            raise InvalidArgument(f"mm_inputs.pixel_values.shm: segment {mm.pixel_values.shm.name!r} carried {len(remembered)} images, not {len(carried)}")
-        identities = list(mm.mm_hashes) or [""] * num_images
-        for i, ident in zip(carried, remembered):
-            identities[i] = ident
-        mm = _with_hashes(mm, identities)
+    if gone is not None:  # a retry naming a segment we consumed: its images become references
+        mm = _with_hashes(mm, _retried_identities(mm, sent_rows, policy))
     identities = _identities(mm, raw, grids, policy.trust_gateway_hashes)
     if pixels is not None and mm.pixel_values.WhichOneof("payload") == "shm":
         policy.consumed.remember(mm.pixel_values.shm.name, tuple(identities[i] for i, n in enumerate(sent_rows) if n))
