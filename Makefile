@@ -14,7 +14,10 @@ PYTEST_ARGS ?=
 SETUP_STAMP := $(VENV)/.vlm-servicer-setup
 PROTO_OUT   := proto/vlm_proto/vllm_engine_pb2.py
 
-.PHONY: setup model serve test bench clean
+INCUMBENT_VENV ?= .venv-incumbent
+BENCH_ARGS ?=
+
+.PHONY: setup model serve test bench loadtest incumbent clean
 
 setup: $(SETUP_STAMP) $(PROTO_OUT)
 
@@ -36,8 +39,21 @@ serve: setup model
 test: setup model
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-bench: setup model
+incumbent: $(INCUMBENT_VENV)/.incumbent-setup
+$(INCUMBENT_VENV)/.incumbent-setup: bench/incumbent_env.sh scripts/fix_torchvision.py
+	bash bench/incumbent_env.sh $(INCUMBENT_VENV)
+	touch $@
+
+# Measurements, never assertions: rollout (reference by hash), side by side with the incumbent
+# (`vllm serve --grpc`), tensor transport (inline vs shared memory).
+bench: setup model incumbent
 	$(PY) -m bench.rollout
+	$(PY) -m bench.side_by_side --incumbent-venv $(INCUMBENT_VENV) $(BENCH_ARGS)
+	$(PY) -m bench.transport --incumbent-venv $(INCUMBENT_VENV)
+
+# Expects a running servicer (make serve) at HOST:PORT; uses ghz when it is on PATH.
+loadtest: setup
+	HOST=$(HOST) PORT=$(PORT) VENV=$(VENV) bash bench/loadtest.sh
 
 clean:
 	rm -rf $(VENV) models proto/vlm_proto/*_pb2*.py proto/vlm_proto/*_pb2.pyi

@@ -1,0 +1,173 @@
+"""Tensor transport: 1, 4 and 8 images of 1280x720 inline vs. shared memory, ours vs. the incumbent.
+
+Acts as a same-host gateway: float32 patches (as a gateway sends them when the worker does
+not normalize on device; ~13 MB per image), in the message or in a /dev/shm segment. Per
+cell: end-to-end latency with max_tokens=1 (median of --repeats), and for our servicer its
+own ingest time (validation, decode, hashing, casts; from its /metrics) and ingest GB/s,
+beside this machine's memcpy bandwidth measured in the same run.
+
+    bash bench/incumbent_env.sh   # once
+    .venv/bin/python -m bench.transport [--repeats 5] [--images 1,4,8]
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import time
+import urllib.request
+
+import grpc
+import numpy as np
+from transformers import AutoProcessor
+
+from bench.side_by_side import ENGINE_ARGS, ROOT, Server, free_port
+from vlm_proto import common_pb2, vllm_engine_pb2 as pb, vllm_engine_pb2_grpc as pb_grpc
+
+MODEL = str(ROOT / "models" / "tiny-qwen2-vl")
+# 8 images of 1280x720 are ~9,600 prompt tokens: past the tiny model's 4,096 positions, which
+# M-RoPE never reaches (image positions advance by the grid, not the token count).
+TRANSPORT_ENGINE_ARGS = [*ENGINE_ARGS[:2], "--max-model-len", "12288", *ENGINE_ARGS[4:],
+                         "--max-num-batched-tokens", "12288"]
+ENV = {"VLLM_ALLOW_LONG_MAX_MODEL_LEN": "1"}
+
+
+def memcpy_gbps(nbytes: int) -> float:
+    src = np.random.randint(0, 255, nbytes, dtype=np.uint8)
+    dst = np.empty_like(src)
+    best = min(_timed(lambda: np.copyto(dst, src)) for _ in range(5))
+    return nbytes / best / 1e9
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+class Batch:
+    """n images of 1280x720 as float32 patches, SMG's request layout."""
+
+    def __init__(self, n: int, seed: int):
+        proc = AutoProcessor.from_pretrained(MODEL)
+        tok = proc.tokenizer
+        rng = np.random.RandomState(seed)
+        imgs = [rng.randint(0, 256, (720, 1280, 3), dtype=np.uint8) for _ in range(n)]
+        feats = proc.image_processor(images=imgs, return_tensors="np")
+        self.pixels = feats["pixel_values"].astype(np.float32)
+        self.grid = feats["image_grid_thw"].astype(np.int64)
+        pad, vs, ve = (tok.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|vision_start|>", "<|vision_end|>"))
+        enc = lambda s: tok.encode(s, add_special_tokens=False)  # noqa: E731
+        self.ids, self.ranges = enc("<|im_start|>user\n"), []
+        for g in self.grid:
+            n_tok = int(g.prod()) // 4
+            self.ids.append(vs)
+            self.ranges.append((len(self.ids), n_tok))
+            self.ids += [pad] * n_tok + [ve]
+        self.ids += enc("Describe.<|im_end|>\n<|im_start|>assistant\n")
+        self.pad = pad
+        self.rows = self.grid.prod(-1)
+
+    def request(self, transport: str, tag: str) -> tuple[pb.GenerateRequest, str | None]:
+        raw = self.pixels.tobytes()
+        if transport == "shm":
+            name = f"vlmbench-{os.getpid()}-{tag}"
+            with open(f"/dev/shm/{name}", "wb") as f:
+                f.write(raw)
+            pixels = pb.TensorData(shape=list(self.pixels.shape), dtype="float32",
+                                   shm=common_pb2.ShmHandle(name=name, offset=0, nbytes=len(raw), owner_id="bench"))
+        else:
+            name, pixels = None, pb.TensorData(shape=list(self.pixels.shape), dtype="float32", inline=raw)
+        t = lambda a: pb.TensorData(shape=list(a.shape), dtype="int64", inline=a.tobytes())  # noqa: E731
+        mm = pb.MultimodalInputs(
+            pixel_values=pixels, model_specific_tensors={"image_grid_thw": t(self.grid), "patches_per_image": t(self.rows)},
+            im_token_id=self.pad, mm_placeholders=[pb.PlaceholderRange(offset=o, length=n) for o, n in self.ranges],
+            mm_hashes=[f"{tag}-{i}".ljust(64, "0") for i in range(len(self.rows))],
+            batched_keys=["image_grid_thw", "patches_per_image"], flat_keys={"pixel_values": "patches_per_image"},
+            keep_on_cpu_keys=["image_grid_thw"], modality=common_pb2.IMAGE,
+        )
+        req = pb.GenerateRequest(request_id=tag, tokenized=pb.TokenizedInput(input_ids=self.ids), mm_inputs=mm,
+                                 sampling_params=pb.SamplingParams(temperature=0.0, max_tokens=1))
+        return req, name
+
+
+def _decode_seconds(metrics_port: int) -> tuple[float, float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+    values = dict(line.rsplit(" ", 1) for line in text.splitlines() if line.startswith("vlm_request_decode_seconds_"))
+    return float(values["vlm_request_decode_seconds_sum"]), float(values["vlm_request_decode_seconds_count"])
+
+
+def measure(server: Server, batches: dict, args, metrics_port: int | None) -> list[dict]:
+    rows = []
+    limit = [("grpc.max_send_message_length", 1 << 30), ("grpc.max_receive_message_length", 1 << 30)]
+    with grpc.insecure_channel(server.host, options=limit) as channel:
+        stub = pb_grpc.VllmEngineStub(channel)
+        for n, batch in batches.items():
+            for transport in ("inline", "shm"):
+                latencies, ingest = [], []
+                for k in range(args.repeats + 1):  # the first is a warm-up
+                    # A new image identity each time, so no cache on either side helps.
+                    req, name = batch.request(transport, f"{server.name}-{n}-{transport}-{k}-{time.time_ns()}")
+                    before = _decode_seconds(metrics_port) if metrics_port else None
+                    t0 = time.perf_counter()
+                    list(stub.Generate(req, timeout=600))
+                    elapsed = time.perf_counter() - t0
+                    if name and os.path.exists(f"/dev/shm/{name}"):
+                        os.unlink(f"/dev/shm/{name}")  # a worker that did not consume it
+                    if k:
+                        latencies.append(elapsed)
+                        if before:
+                            after = _decode_seconds(metrics_port)
+                            ingest.append(after[0] - before[0])
+                nbytes = batch.pixels.nbytes
+                row = {"server": server.name, "images": n, "transport": transport, "MB": nbytes / 1e6,
+                       "latency_ms": statistics.median(latencies) * 1e3}
+                if ingest:
+                    row["ingest_ms"] = statistics.median(ingest) * 1e3
+                    row["ingest_GBps"] = nbytes / statistics.median(ingest) / 1e9
+                rows.append(row)
+                print(row, flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=MODEL)
+    parser.add_argument("--images", default="1,4,8")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--incumbent-venv", default=".venv-incumbent")
+    parser.add_argument("--start-timeout", type=float, default=600)
+    args = parser.parse_args()
+    batches = {n: Batch(n, seed=n) for n in map(int, args.images.split(","))}
+    bandwidth = memcpy_gbps(batches[max(batches)].pixels.nbytes)
+    print(f"memcpy bandwidth on this machine: {bandwidth:.1f} GB/s")
+    results = []
+    for name in ("ours", "incumbent"):
+        if name == "incumbent" and not (ROOT / args.incumbent_venv / "bin" / "vllm").exists():
+            print("incumbent venv missing: run `bash bench/incumbent_env.sh` first; skipping it")
+            continue
+        metrics_port = free_port() if name == "ours" else None
+        extra = ["--metrics-port", str(metrics_port)] if metrics_port else []
+        server = Server(name, args, TRANSPORT_ENGINE_ARGS, extra, ENV, log_name="transport")
+        try:
+            server.wait_ready(args.start_timeout)
+            results += measure(server, batches, args, metrics_port)
+        finally:
+            server.stop()
+    print(f"\n{'images':>6} {'MB':>6} {'transport':>9} | {'ours ms':>8} {'ingest ms':>9} {'GB/s':>6} | {'incumbent ms':>12} | ratio")
+    for r in (r for r in results if r["server"] == "ours"):
+        inc = next((x for x in results if x["server"] == "incumbent" and x["images"] == r["images"]
+                    and x["transport"] == r["transport"]), None)
+        inc_ms = f"{inc['latency_ms']:12.1f}" if inc else f"{'-':>12}"
+        ratio = f"{r['latency_ms'] / inc['latency_ms']:.2f}" if inc else "-"
+        print(f"{r['images']:6d} {r['MB']:6.1f} {r['transport']:>9} | {r['latency_ms']:8.1f} {r['ingest_ms']:9.1f} "
+              f"{r['ingest_GBps']:6.2f} | {inc_ms} | {ratio}")
+    print(f"(memcpy {bandwidth:.1f} GB/s; ratio = ours / incumbent end-to-end latency, max_tokens=1)")
+    out = ROOT / "bench" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "transport.json").write_text(json.dumps({"memcpy_GBps": bandwidth, "rows": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
