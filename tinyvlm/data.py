@@ -38,6 +38,13 @@ QUESTIONS: dict[str, str] = {
 # Every answer the model may give; the tokenizer makes each of these one token.
 ANSWER_WORDS = [*COLOURS, *SHAPES, *COUNT_WORDS]
 
+# Scene knobs: how many copies (weights for 1, 2, 3) and their radius in pixels, per count.
+# Radii are absolute, not relative to the image: a shape 2-3 patches (14 px) across shows a
+# corner, a curve or a spike in every patch it touches, which a tiny ViT picks up quickly;
+# a shape many patches wide is mostly flat interior and much slower to learn.
+COUNT_WEIGHTS = (0.34, 0.33, 0.33)
+RADIUS = {1: (12.0, 22.0), 2: (10.0, 16.0), 3: (9.0, 14.0)}
+
 # Image sides (pixels). Multiples of 28 map 1:1 onto patches (112x112 -> 16 image tokens);
 # the odd ones exercise the image processor's resize.
 _SIDES = [112] * 6 + [84, 140, 168, 100, 126]
@@ -101,22 +108,29 @@ def _jitter(rng: random.Random, rgb: tuple[int, int, int], amount: int = 18) -> 
     return tuple(min(255, max(0, v + rng.randint(-amount, amount))) for v in rgb)
 
 
-def make_sample(rng: random.Random) -> Sample:
-    """One image: 1-3 non-overlapping copies of one shape in one colour."""
+SPIN = {"circle": 0.0, "square": 0.35, "triangle": 0.35, "star": math.pi, "cross": 0.35}
+
+
+def pick_size(rng: random.Random) -> tuple[int, int]:
     w, h = rng.choice(_SIDES), rng.choice(_SIDES)
-    if rng.random() < 0.5:
-        h = w
+    return (w, w) if rng.random() < 0.5 else (w, h)
+
+
+def make_sample(rng: random.Random, count: int | None = None, size: tuple[int, int] | None = None) -> Sample:
+    """One image: `count` (default: drawn 1-3) non-overlapping copies of one shape in one colour."""
+    w, h = size or pick_size(rng)
     colour = rng.choice(list(COLOURS))
     shape = rng.choice(SHAPES)
-    count = rng.choices([1, 2, 3], weights=[0.5, 0.25, 0.25])[0]
+    if count is None:
+        count = rng.choices([1, 2, 3], weights=COUNT_WEIGHTS)[0]
     img = _background(rng, w, h)
     draw = ImageDraw.Draw(img)
     side = min(w, h)
-    lo, hi = ((0.22, 0.38) if count == 1 else (0.14, 0.22) if count == 2 else (0.12, 0.18))
+    lo, hi = RADIUS[count]
     placed: list[tuple[float, float, float]] = []
     for _ in range(count):
         for _attempt in range(200):
-            r = max(9.0, side * rng.uniform(lo, hi))
+            r = min(rng.uniform(lo, hi), side * 0.45)
             cx, cy = rng.uniform(r + 1, w - r - 1), rng.uniform(r + 1, h - r - 1)
             if all(math.hypot(cx - x, cy - y) > r + q + 4 for x, y, q in placed):
                 break
@@ -124,7 +138,7 @@ def make_sample(rng: random.Random) -> Sample:
             break
         placed.append((cx, cy, r))
     fill = _jitter(rng, COLOURS[colour])
-    spin = {"circle": 0.0, "square": 0.35, "triangle": 0.35, "star": math.pi, "cross": 0.35}[shape]
+    spin = SPIN[shape]
     for cx, cy, r in placed:
         if shape == "circle":
             draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)

@@ -84,6 +84,7 @@ class Encoder:
 
 def answer_logprobs(model, batch):
     """[B, 2, vocab] logprobs at the two supervised positions (answer word, closing <|im_end|>)."""
+    batch = {k: v.to(model.device) for k, v in batch.items()}
     labels = batch["labels"]
     kwargs = {k: v for k, v in batch.items() if k != "labels"}
     logits = model(**kwargs).logits  # [B, T, V]
