@@ -1,7 +1,10 @@
 # vlm-servicer: `make serve` and `make test` each set up what they need on first use.
 VENV  ?= .venv
 PY    := $(VENV)/bin/python
-MODEL ?= models/tiny-qwen2-vl
+# The default: a tiny Qwen2-VL trained to read shapes (committed; `make shapes-model` retrains it).
+MODEL ?= models/tiny-qwen2-vl-shapes
+# Random weights, built on first use: what the mechanics tests run on.
+RANDOM_MODEL := models/tiny-qwen2-vl
 HOST  ?= 127.0.0.1
 PORT  ?= 50051
 ARGS  ?=
@@ -17,7 +20,7 @@ PROTO_OUT   := proto/vlm_proto/vllm_engine_pb2.py
 INCUMBENT_VENV ?= .venv-incumbent
 BENCH_ARGS ?=
 
-.PHONY: setup model serve test bench loadtest incumbent clean
+.PHONY: setup model shapes-model serve test bench loadtest incumbent clean
 
 setup: $(SETUP_STAMP) $(PROTO_OUT)
 
@@ -28,12 +31,21 @@ $(SETUP_STAMP): pyproject.toml scripts/setup_venv.sh scripts/fix_torchvision.py
 $(PROTO_OUT): proto/vlm_proto/*.proto $(SETUP_STAMP)
 	$(PY) -m grpc_tools.protoc -I proto --python_out=proto --pyi_out=proto --grpc_python_out=proto proto/vlm_proto/*.proto
 
-model: $(MODEL)/RECIPE
+# The random tiny checkpoints, one per family (rebuilt when their recipe changes).
+model: $(RANDOM_MODEL)/RECIPE models/tiny-qwen2.5-vl/RECIPE models/tiny-qwen3-vl/RECIPE
 
-$(MODEL)/RECIPE: tinyvlm/*.py | setup
-	$(PY) -m tinyvlm.build --out $(MODEL)
+$(RANDOM_MODEL)/RECIPE: tinyvlm/build.py tinyvlm/tokenizer.py | setup
+	$(PY) -m tinyvlm.build --family qwen2_vl --out $(RANDOM_MODEL)
+models/tiny-qwen2.5-vl/RECIPE: tinyvlm/build.py tinyvlm/tokenizer.py | setup
+	$(PY) -m tinyvlm.build --family qwen2_5_vl
+models/tiny-qwen3-vl/RECIPE: tinyvlm/build.py tinyvlm/tokenizer.py | setup
+	$(PY) -m tinyvlm.build --family qwen3_vl
 
-serve: setup model
+# Retrain the committed checkpoint (~10 minutes on 2 CPU cores); writes train_log.jsonl and metrics.json.
+shapes-model: setup
+	$(PY) -m tinyvlm.train --out models/tiny-qwen2-vl-shapes
+
+serve: setup
 	$(VENV)/bin/vlm-servicer serve --model $(MODEL) --host $(HOST) --port $(PORT) $(ENGINE_ARGS) $(ARGS)
 
 test: setup model
@@ -56,4 +68,4 @@ loadtest: setup
 	HOST=$(HOST) PORT=$(PORT) VENV=$(VENV) bash bench/loadtest.sh
 
 clean:
-	rm -rf $(VENV) models proto/vlm_proto/*_pb2*.py proto/vlm_proto/*_pb2.pyi
+	rm -rf $(VENV) $(RANDOM_MODEL) models/tiny-qwen2.5-vl models/tiny-qwen3-vl proto/vlm_proto/*_pb2*.py proto/vlm_proto/*_pb2.pyi

@@ -16,7 +16,7 @@ from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import EngineDeadError as VllmEngineDeadError
 from vllm.v1.metrics.loggers import StatLoggerBase
 
-from engine_adapter.errors import EngineDeadError, EngineRequestError
+from engine_adapter.errors import EngineCapacityError, EngineDeadError, EngineRequestError
 from engine_adapter.info import model_info, ordinary_token_ids, pixel_norm
 from engine_adapter.outputs import to_step_output
 from engine_adapter.pixels import prepare_pixels
@@ -28,11 +28,18 @@ from engine_adapter.types import EngineRequest, EngineStats, ModelInfo, StepOutp
 logger = logging.getLogger(__name__)
 
 
-def parse_engine_args(model: str, argv: Sequence[str]) -> AsyncEngineArgs:
-    """vLLM's own engine flags, parsed by vLLM's own parser (raises SystemExit on bad flags)."""
+def parse_engine_args(model: str, argv: Sequence[str], mm_shm_gb: float | None = None) -> AsyncEngineArgs:
+    """vLLM's own engine flags, parsed by vLLM's own parser (raises SystemExit on bad flags).
+
+    `mm_shm_gb` sizes the shared-memory ring images are published into when
+    `--mm-processor-cache-type shm` is on (it is vLLM's `mm_processor_cache_gb` there).
+    """
     parser = AsyncEngineArgs.add_cli_args(FlexibleArgumentParser(prog="vlm-servicer serve"))
     namespace = parser.parse_args(["--model", model, *argv])
-    return AsyncEngineArgs.from_cli_args(namespace)
+    args = AsyncEngineArgs.from_cli_args(namespace)
+    if mm_shm_gb is not None and args.mm_processor_cache_type == "shm":
+        args.mm_processor_cache_gb = mm_shm_gb
+    return args
 
 
 class _StatsRecorder(StatLoggerBase):
@@ -70,6 +77,9 @@ class Engine:
         # With vLLM's shared-memory processor cache, each image is written once per identity
         # into a ring every rank maps, and requests carry only its address.
         self.shares_mm_by_shm = bool(mm_config and mm_config.mm_processor_cache_type == "shm")
+        if self.shares_mm_by_shm:
+            self._shm_bytes = int(mm_config.mm_processor_cache_gb * 1024**3)
+            self._shm_item_bytes = mm_config.mm_shm_cache_max_object_size_mb * 1024**2
 
     @classmethod
     def start(cls, args: AsyncEngineArgs) -> "Engine":
@@ -104,12 +114,34 @@ class Engine:
             raise EngineRequestError(str(exc)) from exc
 
     def _publish(self, hashes: list[str], items: list) -> None:
-        """Write each new identity's item into the ring once; items become addresses."""
+        """Write each new identity's item into the ring once; items become addresses.
+
+        All or nothing, and bounded: vLLM's own injection falls back to sending an item that
+        does not fit inline, which would make the ring's bound meaningless, so we refuse the
+        request instead (EngineCapacityError) and undo the holds taken on its other items.
+        """
         cache = self._llm.renderer.mm_processor_cache
-        reused = sum(cache.is_cached_item(h) for h in hashes)
-        self._llm.input_processor.inject_into_mm_cache({"image": hashes}, {"image": items})
-        self.stats.mm_items_published += len(hashes) - reused
-        self.stats.mm_items_reused += reused
+        new = [(h, item) for h, item in zip(hashes, items) if not cache.is_cached_item(h)]
+        sizes = [_item_nbytes(item) for _, item in new]
+        if sizes and (max(sizes) > self._shm_item_bytes or sum(sizes) > self._shm_bytes):
+            raise EngineCapacityError(
+                f"images need {sum(sizes)} bytes of shared memory (largest {max(sizes)}); the ring holds "
+                f"{self._shm_bytes} (--mm-shm-gb) and {self._shm_item_bytes} per item "
+                "(--mm-shm-cache-max-object-size-mb)")
+        store = cache._shm_cache  # vLLM's SingleWriterShmObjectStorage: holds are its writer flags
+        held = []
+        for i, h in enumerate(hashes):
+            items[i], _ = cache.get_and_update_item((items[i], []), h)
+            if not cache.is_cached_item(h):  # the ring is full of items the ranks have not read yet
+                for monotonic_id in held:
+                    store.writer_flag[monotonic_id] -= 1
+                raise EngineCapacityError(
+                    f"the shared-memory ring ({self._shm_bytes} bytes, --mm-shm-gb) is full of images "
+                    "in flight; retry shortly")
+            held.append(store.key_index[h][1])
+        self._llm.renderer.update_mm_cache_stats()
+        self.stats.mm_items_published += len(new)
+        self.stats.mm_items_reused += len(hashes) - len(new)
 
     async def abort(self, request_ids: Sequence[str]) -> None:
         await self._llm.abort(list(request_ids))
@@ -138,6 +170,11 @@ class Engine:
             # Drop the last reference now: AsyncLLM.__del__ shuts down again, which fails
             # if it only runs at interpreter exit, after vLLM's modules are torn down.
             self._llm = None
+
+
+def _item_nbytes(item) -> int:
+    """Tensor bytes of one MultiModalKwargsItem (what the ring stores, less a little metadata)."""
+    return sum(elem.data.nbytes for elem in item.values() if hasattr(elem.data, "nbytes"))
 
 
 async def start_engine(args: AsyncEngineArgs) -> Engine:

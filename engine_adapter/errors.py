@@ -7,3 +7,7 @@ class EngineDeadError(RuntimeError):
 
 class EngineRequestError(ValueError):
     """The engine refused this request's inputs (e.g. longer than the context)."""
+
+
+class EngineCapacityError(RuntimeError):
+    """The request is valid but does not fit a configured bound right now (e.g. the shared-memory ring)."""

@@ -18,15 +18,15 @@ from vlm_proto import vllm_engine_pb2 as pb, vllm_engine_pb2_grpc as pb_grpc
 
 
 def demo_image() -> Image.Image:
-    """A blue triangle on a light background."""
-    img = Image.new("RGB", (112, 112), (235, 235, 225))
-    ImageDraw.Draw(img).polygon([(56, 18), (96, 92), (16, 92)], fill=(30, 60, 220))
+    """A blue triangle on a grey background, 56x56 (4 image tokens), like the tiny model's training images."""
+    img = Image.new("RGB", (56, 56), (140, 140, 130))
+    ImageDraw.Draw(img).polygon([(28, 8), (48, 44), (8, 44)], fill=(30, 70, 230))
     return img
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="models/tiny-qwen2-vl")
+    parser.add_argument("--model", default="models/tiny-qwen2-vl-shapes", help="for its tokenizer and image processor")
     parser.add_argument("--image", help="image file (default: a generated blue triangle)")
     parser.add_argument("--question", default="What colour is the shape?")
     parser.add_argument("--host", default="127.0.0.1")

@@ -1,4 +1,4 @@
-"""`vlm-servicer`: serve a model, or build the tiny default checkpoint.
+"""`vlm-servicer`: serve a model, or build the random-weight tiny checkpoint.
 
     vlm-servicer serve [--model PATH] [servicer flags] [vLLM engine flags ...]
     vlm-servicer build-tiny-model [--out DIR]
@@ -10,17 +10,22 @@ import logging
 import pathlib
 import sys
 
-from servicer.config import DEFAULT_MODEL, ConfigError, add_serve_flags, config_from_args
+from servicer.config import DEFAULT_MODEL, RANDOM_MODEL, ConfigError, add_serve_flags, config_from_args
 
 
-def _ensure_default_model(model: str) -> None:
-    """The embedded default is built on first use; any other path must already exist."""
+def _ensure_tiny_model(model: str) -> None:
+    """The random tiny model is built on first use; the trained default is committed."""
     path = pathlib.Path(model)
-    if model == DEFAULT_MODEL and not (path / "RECIPE").exists():
+    if (path / "RECIPE").exists():
+        return
+    if model == RANDOM_MODEL:
         from tinyvlm.build import build
 
-        logging.getLogger(__name__).info("building the tiny default model into %s", path)
+        logging.getLogger(__name__).info("building the random tiny model into %s", path)
         build(path)
+    elif model == DEFAULT_MODEL:
+        sys.exit(f"the trained tiny model is not at {path}: run from the repository root (it is committed) "
+                 "or retrain it with `make shapes-model`")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,8 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     serve_parser = commands.add_parser("serve", help="run the gRPC servicer; unknown flags go to vLLM's engine")
     add_serve_flags(serve_parser)
     serve_parser.add_argument("--log-level", default="INFO")
-    build_parser = commands.add_parser("build-tiny-model", help="write the deterministic tiny Qwen2-VL")
-    build_parser.add_argument("--out", default=DEFAULT_MODEL)
+    build_parser = commands.add_parser("build-tiny-model", help="write the deterministic random-weight tiny Qwen2-VL")
+    build_parser.add_argument("--out", default=RANDOM_MODEL)
     args, rest = parser.parse_known_args(argv)
 
     if args.command == "build-tiny-model":
@@ -47,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         config = config_from_args(args, rest)
     except ConfigError as exc:
         parser.error(str(exc))
-    _ensure_default_model(config.model)
+    _ensure_tiny_model(config.model)
     from servicer.server import serve
 
     return asyncio.run(serve(config))

@@ -4,7 +4,8 @@ import argparse
 from dataclasses import dataclass, field
 
 
-DEFAULT_MODEL = "models/tiny-qwen2-vl"
+DEFAULT_MODEL = "models/tiny-qwen2-vl-shapes"  # trained to read shapes, committed
+RANDOM_MODEL = "models/tiny-qwen2-vl"  # random weights, built on first use
 
 
 class ConfigError(ValueError):
@@ -26,6 +27,7 @@ class ServerConfig:
     mm_pad_values: bool = True  # hash-derived ids at image embedding positions
     mm_store_gb: float = 2.0  # images kept for reference-by-hash (LRU by bytes)
     mm_shm_keep: bool = False  # keep gateway shm segments after reading them (debugging)
+    mm_shm_gb: float = 4.0  # ring that publishes images to the engine's ranks (with vLLM's shm cache)
     engine_args: tuple[str, ...] = field(default_factory=tuple)  # vLLM's own flags, passed through
 
     def __post_init__(self):
@@ -38,6 +40,8 @@ class ServerConfig:
             raise ConfigError(f"--mm-hash-policy {self.mm_hash_policy}: must be recompute or trust")
         if self.mm_store_gb < 0:
             raise ConfigError(f"--mm-store-gb {self.mm_store_gb}: must not be negative")
+        if self.mm_shm_gb <= 0:
+            raise ConfigError(f"--mm-shm-gb {self.mm_shm_gb}: must be positive")
         if self.drain_timeout_s < 0:
             raise ConfigError(f"--drain-timeout {self.drain_timeout_s}: must not be negative")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
@@ -65,6 +69,9 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
                         help="replace image pad ids by identity-derived ids in what the engine sees")
     parser.add_argument("--mm-store-gb", type=float, default=d.mm_store_gb,
                         help="memory for images kept for reference-by-hash (0 disables)")
+    parser.add_argument("--mm-shm-gb", type=float, default=d.mm_shm_gb,
+                        help="with --mm-processor-cache-type shm: bytes of images published to the engine's ranks "
+                             "through shared memory; requests beyond it get RESOURCE_EXHAUSTED")
     parser.add_argument("--mm-shm-keep", action="store_true", default=d.mm_shm_keep,
                         help="do not unlink gateway shared-memory segments after reading them (debugging)")
 
@@ -75,6 +82,6 @@ def config_from_args(ns: argparse.Namespace, engine_args: list[str]) -> ServerCo
         max_concurrent_requests=ns.max_concurrent_requests, max_n=ns.max_n,
         decode_workers=ns.decode_workers, drain_timeout_s=ns.drain_timeout_s, metrics_port=ns.metrics_port,
         mm_hash_policy=ns.mm_hash_policy, mm_pad_values=ns.mm_pad_values, mm_store_gb=ns.mm_store_gb,
-        mm_shm_keep=ns.mm_shm_keep,
+        mm_shm_keep=ns.mm_shm_keep, mm_shm_gb=ns.mm_shm_gb,
         engine_args=tuple(engine_args),
     )

@@ -7,7 +7,7 @@ Anything that is not one of these is our bug: INTERNAL, never blamed on the clie
 
 import grpc
 
-from engine_adapter.errors import EngineDeadError, EngineRequestError
+from engine_adapter.errors import EngineCapacityError, EngineDeadError, EngineRequestError
 
 
 class ServicerError(Exception):
@@ -50,6 +50,8 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str, tuple[tuple[st
         return exc.code, str(exc), exc.metadata
     if isinstance(exc, EngineDeadError):
         return grpc.StatusCode.UNAVAILABLE, f"engine is not running: {exc}", ()
+    if isinstance(exc, EngineCapacityError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), ()
     if isinstance(exc, EngineRequestError):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc), ()
     return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}", ()

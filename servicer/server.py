@@ -82,7 +82,7 @@ async def create_server(config: ServerConfig, engine: Engine) -> Server:
 
 async def serve(config: ServerConfig) -> int:
     """Start the engine, then the server; run until SIGINT/SIGTERM or engine death. Returns the exit code."""
-    engine = await start_engine(parse_engine_args(config.model, config.engine_args))
+    engine = await start_engine(parse_engine_args(config.model, config.engine_args, config.mm_shm_gb))
     server = await create_server(config, engine)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

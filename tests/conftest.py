@@ -7,7 +7,7 @@ import grpc
 import pytest
 import pytest_asyncio
 
-from tests.fixtures import ENGINE_ARGS, MODEL
+from tests.fixtures import ENGINE_ARGS, MODEL, SHAPES_MODEL
 from vlm_proto import vllm_engine_pb2_grpc as pb_grpc
 
 # vLLM's worker processes must not fork a process that already runs gRPC threads.
@@ -23,31 +23,46 @@ def model_path() -> str:
     return str(MODEL)
 
 
-@pytest_asyncio.fixture(scope="session")
-async def engine(model_path):
+async def _start_engine(path):
     from engine_adapter.engine import parse_engine_args, start_engine
 
-    engine = await start_engine(parse_engine_args(model_path, list(ENGINE_ARGS)))
+    return await start_engine(parse_engine_args(str(path), list(ENGINE_ARGS)))
+
+
+@pytest_asyncio.fixture(scope="session")
+async def engine(model_path):
+    engine = await _start_engine(model_path)
     yield engine
     engine.shutdown()
 
 
-@pytest_asyncio.fixture(scope="session")
-async def server(engine):
+@contextlib.asynccontextmanager
+async def _serve(engine, model, **overrides):
     from servicer.config import ServerConfig
     from servicer.server import create_server
 
-    config = ServerConfig(model=str(MODEL), port=0, max_n=8, max_concurrent_requests=64, drain_timeout_s=1.0, metrics_port=0)
-    server = await create_server(config, engine)
-    yield server
-    await server.grpc.stop(0)
-    server.servicer.close()
+    server = await create_server(ServerConfig(model=str(model), port=0, drain_timeout_s=1.0, **overrides), engine)
+    try:
+        yield server
+    finally:
+        await server.grpc.stop(0)
+        server.servicer.close()
+
+
+@pytest_asyncio.fixture(scope="session")
+async def server(engine):
+    async with _serve(engine, MODEL, max_n=8, max_concurrent_requests=64, metrics_port=0) as server:
+        yield server
+
+
+def _channel(port):
+    options = [("grpc.max_send_message_length", MAX_MESSAGE), ("grpc.max_receive_message_length", MAX_MESSAGE)]
+    return grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options)
 
 
 @pytest_asyncio.fixture(scope="session")
 async def channel(server):
-    options = [("grpc.max_send_message_length", MAX_MESSAGE), ("grpc.max_receive_message_length", MAX_MESSAGE)]
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}", options=options) as channel:
+    async with _channel(server.port) as channel:
         yield channel
 
 
@@ -63,19 +78,40 @@ def oracle():
     return Oracle()
 
 
-@contextlib.asynccontextmanager
-async def extra_server(engine, **overrides):
-    """Another server (own config, own store) on the session's engine, with a stub to it."""
-    from servicer.config import ServerConfig
-    from servicer.server import create_server
+# The trained checkpoint (committed): a second engine, started only by the tests that use it.
+@pytest_asyncio.fixture(scope="session")
+async def shapes_engine():
+    if not (SHAPES_MODEL / "RECIPE").exists():
+        pytest.fail(f"trained tiny model missing at {SHAPES_MODEL}: it is committed; `make shapes-model` retrains it")
+    engine = await _start_engine(SHAPES_MODEL)
+    yield engine
+    engine.shutdown()
 
-    server = await create_server(ServerConfig(model=str(MODEL), port=0, drain_timeout_s=1.0, **overrides), engine)
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            yield server, pb_grpc.VllmEngineStub(channel)
-    finally:
-        await server.grpc.stop(0)
-        server.servicer.close()
+
+@pytest_asyncio.fixture(scope="session")
+async def shapes_server(shapes_engine):
+    async with _serve(shapes_engine, SHAPES_MODEL, max_concurrent_requests=512) as server:
+        yield server
+
+
+@pytest_asyncio.fixture(scope="session")
+async def shapes_stub(shapes_server):
+    async with _channel(shapes_server.port) as channel:
+        yield pb_grpc.VllmEngineStub(channel)
+
+
+@pytest.fixture(scope="session")
+def shapes_oracle():
+    from tests.oracle import Oracle
+
+    return Oracle(SHAPES_MODEL)
+
+
+@contextlib.asynccontextmanager
+async def extra_server(engine, model=MODEL, **overrides):
+    """Another server (own config, own store) on a session engine, with a stub to it."""
+    async with _serve(engine, model, **overrides) as server, _channel(server.port) as channel:
+        yield server, pb_grpc.VllmEngineStub(channel)
 
 
 @pytest_asyncio.fixture(scope="session")

@@ -9,7 +9,12 @@ from PIL import Image
 from vlm_proto import vllm_engine_pb2 as pb
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-MODEL = ROOT / "models" / "tiny-qwen2-vl"
+MODEL = ROOT / "models" / "tiny-qwen2-vl"  # random weights, built on first use: the mechanics tests
+SHAPES_MODEL = ROOT / "models" / "tiny-qwen2-vl-shapes"  # trained, committed: tests of what the model sees
+FAMILY_MODELS = {  # random weights per further family, built on first use (tinyvlm.build --family)
+    "qwen2_5_vl": ROOT / "models" / "tiny-qwen2.5-vl",
+    "qwen3_vl": ROOT / "models" / "tiny-qwen3-vl",
+}
 # CPU-engine flags for the tiny model: float32 for HF parity, a small KV reservation.
 ENGINE_ARGS = (
     "--dtype", "float32", "--max-model-len", "4096", "--enforce-eager",

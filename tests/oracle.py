@@ -1,9 +1,11 @@
-"""Hugging Face transformers as the correctness oracle: same ids, same pixels, float32."""
+"""Hugging Face transformers as the correctness oracle: same ids, same pixels, float32.
+
+The model class comes from the checkpoint's config (Qwen2-VL, Qwen2.5-VL, Qwen3-VL)."""
 
 from dataclasses import dataclass
 
 import torch
-from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from tests.fixtures import MODEL
 
@@ -25,7 +27,7 @@ class Oracle:
     def __init__(self, path=MODEL):
         self.processor = AutoProcessor.from_pretrained(path)
         self.tokenizer = self.processor.tokenizer
-        self.model = Qwen2VLForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+        self.model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
         tid = self.tokenizer.convert_tokens_to_ids
         self.pad, self.vs, self.ve = tid("<|image_pad|>"), tid("<|vision_start|>"), tid("<|vision_end|>")
 

@@ -1,5 +1,6 @@
 """Tensor parallelism on the CPU engine (2 ranks): images published once per identity in vLLM's
-shared-memory object store, mapped by both ranks; outputs equal Hugging Face's; rings of dead
+shared-memory object store, mapped by both ranks; outputs equal Hugging Face's; the ring is
+bounded by --mm-shm-gb (RESOURCE_EXHAUSTED beyond, the engine keeps serving); rings of dead
 servicers swept at start."""
 
 import asyncio
@@ -22,14 +23,21 @@ async def test_two_ranks_share_images_published_once(servicer_process, oracle): 
     open(stale, "wb").close()
     proc = await asyncio.to_thread(
         servicer_process, "--tensor-parallel-size", "2", "--mm-processor-cache-type", "shm",
+        "--mm-shm-gb", "0.001",  # 1 MiB: two 112x112 images fit, one 336x336 (2.7 MB) does not
         env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"},  # one core per rank on this 2-core machine
     )
     assert not os.path.exists(stale), "the dead servicer's ring was not swept"
     ring = os.path.join(SHM_DIR, ring_name(proc.proc.pid))
     assert os.path.exists(ring), proc.tail()
     a, b = oracle.images([image(112, 112, seed=81)]), oracle.images([image(112, 112, seed=82)])
+    big = oracle.images([image(336, 336, seed=83)])
     async with grpc.aio.insecure_channel(f"127.0.0.1:{proc.port}") as channel:
         stub = pb_grpc.VllmEngineStub(channel)
+        ids = oracle.chat_ids("Describe the image.", 1, big.tokens_per_image)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            [r async for r in stub.Generate(request(ids, mm=mm_inputs(big.raw, big.grid), max_tokens=1))]
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "--mm-shm-gb" in refused.value.details()
         for imgs in (a, b, a):
             ids = oracle.chat_ids("Describe the image.", 1, imgs.tokens_per_image)
             req = request(ids, mm=mm_inputs(imgs.raw, imgs.grid), temperature=0.0, max_tokens=8, ignore_eos=True)

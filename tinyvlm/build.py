@@ -1,8 +1,10 @@
-"""Build the deterministic random-weight tiny Qwen2-VL checkpoint.
+"""Build the deterministic random-weight tiny checkpoints: Qwen2-VL, Qwen2.5-VL, Qwen3-VL.
 
-Shaped for the CPU engine (decoder head_dim 64) and for SMG's Qwen-VL spec:
-`model_type: qwen2_vl`, `vision_token_id` = `<|image_pad|>`, `<image>` in the
-vocabulary, `min_pixels`/`max_pixels` in the image-processor config.
+Shaped for the CPU engine (decoder head_dim 64, M-RoPE sections summing to 32) and for
+SMG's specs: `vision_token_id` = `<|image_pad|>` and `<image>` in the vocabulary (its
+Qwen2/2.5-VL spec), `<|image_pad|>` in the chat template (its Qwen3-VL spec), and
+`min_pixels`/`max_pixels` in the image-processor config. SMG picks the family's
+preprocessing from the folder name (`qwen2.5-vl`, `qwen3-vl`), so keep those in it.
 """
 
 import argparse
@@ -10,7 +12,10 @@ import json
 import pathlib
 
 import torch
-from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil
+from transformers import (
+    Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig, Qwen2VLForConditionalGeneration,
+    Qwen2VLImageProcessorPil, Qwen3VLConfig, Qwen3VLForConditionalGeneration,
+)
 
 from tinyvlm.tokenizer import build_tokenizer
 
@@ -47,11 +52,13 @@ def build_config(tokenizer, text: dict | None = None, vision: dict | None = None
     return config
 
 
-def build_image_processor() -> Qwen2VLImageProcessorPil:
+def build_image_processor(patch_size: int = 14, mean_std: float | None = None) -> Qwen2VLImageProcessorPil:
     # 56x56 .. 1280x1280-ish: a 112x112 image is 8x8 patches, 16 placeholder tokens.
+    factor = patch_size * 2
+    extra = {"image_mean": [mean_std] * 3, "image_std": [mean_std] * 3} if mean_std is not None else {}
     return Qwen2VLImageProcessorPil(
-        min_pixels=56 * 56, max_pixels=28 * 28 * 2048,
-        patch_size=14, temporal_patch_size=2, merge_size=2,
+        min_pixels=4 * factor * factor, max_pixels=2048 * factor * factor,
+        patch_size=patch_size, temporal_patch_size=2, merge_size=2, **extra,
     )
 
 
@@ -83,11 +90,79 @@ def build(out: pathlib.Path) -> pathlib.Path:
     return write_checkpoint(out, model, tokenizer, build_image_processor(), RECIPE_VERSION)
 
 
+def _text_config(tokenizer, **overrides) -> dict:
+    """The decoder every family shares: 128 wide, 2 layers, head_dim 64 (vLLM's CPU attention)."""
+    ids = tokenizer.convert_tokens_to_ids
+    return dict(
+        vocab_size=VOCAB_SIZE, hidden_size=128, intermediate_size=256,
+        num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+        max_position_embeddings=4096, rms_norm_eps=1e-6,
+        bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"),
+        initializer_range=0.1,
+    ) | overrides
+
+
+def _token_ids(tokenizer) -> dict:
+    ids = tokenizer.convert_tokens_to_ids
+    return dict(image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+                vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))
+
+
+def build_qwen2_5_vl(out: pathlib.Path) -> pathlib.Path:
+    """Qwen2.5-VL: window attention in the vision tower (one windowed block, one full), RMSNorm, SwiGLU."""
+    tokenizer = build_tokenizer(VOCAB_SIZE)
+    config = Qwen2_5_VLConfig(
+        text_config=_text_config(tokenizer, rope_parameters={
+            "rope_type": "default", "rope_theta": 10000.0, "mrope_section": [8, 12, 12]}),
+        vision_config=dict(
+            depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=128,
+            patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
+            window_size=56, fullatt_block_indexes=[1], tokens_per_second=2, initializer_range=0.1,
+        ),
+        tie_word_embeddings=False, **_token_ids(tokenizer),
+    )
+    config.architectures = ["Qwen2_5_VLForConditionalGeneration"]
+    torch.manual_seed(SEED)
+    model = Qwen2_5_VLForConditionalGeneration(config).to(torch.float32).eval()
+    return write_checkpoint(out, model, tokenizer, build_image_processor(), "qwen2.5-vl-random-1")
+
+
+def build_qwen3_vl(out: pathlib.Path) -> pathlib.Path:
+    """Qwen3-VL: interleaved M-RoPE, learned vision position embeddings, deepstack, 16-pixel patches.
+    Its chat template writes `<|image_pad|>` (SMG's Qwen3-VL spec expands that token)."""
+    tokenizer = build_tokenizer(VOCAB_SIZE)
+    tokenizer.chat_template = tokenizer.chat_template.replace("<image>", "<|image_pad|>").replace("<video>", "<|video_pad|>")
+    config = Qwen3VLConfig(
+        text_config=_text_config(tokenizer, head_dim=64, rope_parameters={
+            "rope_type": "default", "rope_theta": 10000.0, "mrope_section": [12, 10, 10], "mrope_interleaved": True}),
+        vision_config=dict(
+            depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=128,
+            patch_size=16, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
+            num_position_embeddings=64, deepstack_visual_indexes=[0], initializer_range=0.1,
+        ),
+        tie_word_embeddings=False, **_token_ids(tokenizer),
+    )
+    config.architectures = ["Qwen3VLForConditionalGeneration"]
+    torch.manual_seed(SEED)
+    model = Qwen3VLForConditionalGeneration(config).to(torch.float32).eval()
+    return write_checkpoint(out, model, tokenizer, build_image_processor(patch_size=16, mean_std=0.5), "qwen3-vl-random-1")
+
+
+# family -> (builder, default folder); the folder names carry what SMG matches on.
+FAMILIES = {
+    "qwen2_vl": (build, "models/tiny-qwen2-vl"),
+    "qwen2_5_vl": (build_qwen2_5_vl, "models/tiny-qwen2.5-vl"),
+    "qwen3_vl": (build_qwen3_vl, "models/tiny-qwen3-vl"),
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("models/tiny-qwen2-vl"))
+    parser.add_argument("--family", choices=list(FAMILIES), default="qwen2_vl")
+    parser.add_argument("--out", type=pathlib.Path, help="default: models/tiny-<family>")
     args = parser.parse_args()
-    print(f"tiny Qwen2-VL written to {build(args.out)}")
+    builder, folder = FAMILIES[args.family]
+    print(f"tiny {args.family} written to {builder(args.out or pathlib.Path(folder))}")
 
 
 if __name__ == "__main__":

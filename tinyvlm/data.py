@@ -1,12 +1,11 @@
 """Synthetic "shapes" images and one-word questions about them, generated from a seed.
 
-Every image holds one, two or three copies of a single shape in a single colour
-(sizes, positions and rotations vary), on a tinted-grey background that may carry a
-gradient and mild noise, so every question has exactly one answer:
+Every image holds one shape in one colour (size, position and rotation vary) on a
+tinted-grey background that may carry a gradient and mild noise, so every question has
+exactly one answer:
 
     "What colour is the shape?"   -> red / green / blue / yellow / purple / orange / white / black
     "What shape is it?"           -> circle / square / triangle / star / cross
-    "How many shapes are there?"  -> one / two / three
 
 Same seed, same samples, on every machine (only Python's `random` and Pillow drawing).
 """
@@ -28,26 +27,31 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "black": (12, 12, 12),
 }
 SHAPES = ["circle", "square", "triangle", "star", "cross"]
-COUNT_WORDS = ["one", "two", "three"]
 
 QUESTIONS: dict[str, str] = {
     "colour": "What colour is the shape?",
     "shape": "What shape is it?",
-    "count": "How many shapes are there?",
 }
+QUESTION_WEIGHTS = {"colour": 1.0, "shape": 2.0}  # colour is learned in a few hundred steps, shape is not
+# Filler prose that may sit between the image and the question (a fifth of training
+# batches carry 1-8 sentences of it, up to ~180 tokens), so the model reads past text to the question and a
+# test can put the image inside full 128-token KV blocks without leaving what it learned.
+FILLER_WORDS = ("the a this that picture image photo shows one small large plain background with on of and "
+                "here is some colour shape above below left right near far quick brown fox jumps over lazy "
+                "dog hello world look at it carefully please answer in word").split()
 # Every answer the model may give; the tokenizer makes each of these one token.
-ANSWER_WORDS = [*COLOURS, *SHAPES, *COUNT_WORDS]
+ANSWER_WORDS = [*COLOURS, *SHAPES]
 
-# Scene knobs: how many copies (weights for 1, 2, 3) and their radius in pixels, per count.
-# Radii are absolute, not relative to the image: a shape 2-3 patches (14 px) across shows a
-# corner, a curve or a spike in every patch it touches, which a tiny ViT picks up quickly;
-# a shape many patches wide is mostly flat interior and much slower to learn.
-COUNT_WEIGHTS = (0.34, 0.33, 0.33)
-RADIUS = {1: (12.0, 22.0), 2: (10.0, 16.0), 3: (9.0, 14.0)}
-
-# Image sides (pixels). Multiples of 28 map 1:1 onto patches (112x112 -> 16 image tokens);
-# the odd ones exercise the image processor's resize.
-_SIDES = [112] * 6 + [84, 140, 168, 100, 126]
+# Image sizes (w, h) and how often each is drawn. All are multiples of 28, so the image
+# processor keeps them as they are: 56x56 is 4x4 patches and 4 image tokens, 84x56 is 6.
+# Small images on purpose: a shape that spans only a few 14-pixel patches shows a corner,
+# a curve or a spike in each of them, which a tiny ViT learns in minutes; the same shape
+# drawn 112 pixels wide is mostly flat interior per patch and takes far longer to learn.
+SIZES: dict[tuple[int, int], float] = {(56, 56): 0.5, (56, 84): 0.25, (84, 56): 0.25}
+# The shape's radius as a fraction of the image's shorter side: it fills much of the picture.
+RADIUS = (0.34, 0.45)
+# Rotation range (radians, either way) per shape; a star looks the same every 72 degrees.
+SPIN = {"circle": 0.0, "square": 0.3, "triangle": 0.3, "star": math.pi, "cross": 0.3}
 
 
 @dataclass
@@ -55,10 +59,9 @@ class Sample:
     image: Image.Image
     colour: str
     shape: str
-    count: int
 
     def answer(self, kind: str) -> str:
-        return {"colour": self.colour, "shape": self.shape, "count": COUNT_WORDS[self.count - 1]}[kind]
+        return {"colour": self.colour, "shape": self.shape}[kind]
 
 
 def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
@@ -108,58 +111,57 @@ def _jitter(rng: random.Random, rgb: tuple[int, int, int], amount: int = 18) -> 
     return tuple(min(255, max(0, v + rng.randint(-amount, amount))) for v in rgb)
 
 
-SPIN = {"circle": 0.0, "square": 0.35, "triangle": 0.35, "star": math.pi, "cross": 0.35}
-
-
 def pick_size(rng: random.Random) -> tuple[int, int]:
-    w, h = rng.choice(_SIDES), rng.choice(_SIDES)
-    return (w, w) if rng.random() < 0.5 else (w, h)
+    return rng.choices(list(SIZES), weights=list(SIZES.values()))[0]
 
 
-def make_sample(rng: random.Random, count: int | None = None, size: tuple[int, int] | None = None) -> Sample:
-    """One image: `count` (default: drawn 1-3) non-overlapping copies of one shape in one colour."""
+def make_sample(rng: random.Random, size: tuple[int, int] | None = None, colour: str | None = None) -> Sample:
+    """One image with one shape. `colour` overrides the drawn colour without changing
+    anything else the seed draws (the same scene in another colour)."""
     w, h = size or pick_size(rng)
-    colour = rng.choice(list(COLOURS))
+    drawn = rng.choice(list(COLOURS))
+    colour = colour or drawn
     shape = rng.choice(SHAPES)
-    if count is None:
-        count = rng.choices([1, 2, 3], weights=COUNT_WEIGHTS)[0]
     img = _background(rng, w, h)
-    draw = ImageDraw.Draw(img)
-    side = min(w, h)
-    lo, hi = RADIUS[count]
-    placed: list[tuple[float, float, float]] = []
-    for _ in range(count):
-        for _attempt in range(200):
-            r = min(rng.uniform(lo, hi), side * 0.45)
-            cx, cy = rng.uniform(r + 1, w - r - 1), rng.uniform(r + 1, h - r - 1)
-            if all(math.hypot(cx - x, cy - y) > r + q + 4 for x, y, q in placed):
-                break
-        else:  # no room: shrink the scene to what fits
-            break
-        placed.append((cx, cy, r))
+    r = min(w, h) * rng.uniform(*RADIUS)
+    cx, cy = rng.uniform(r + 1, w - r - 1), rng.uniform(r + 1, h - r - 1)
     fill = _jitter(rng, COLOURS[colour])
-    spin = SPIN[shape]
-    for cx, cy, r in placed:
-        if shape == "circle":
-            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
-        else:
-            draw.polygon(_polygon(shape, cx, cy, r, rng.uniform(-spin, spin)), fill=fill)
-    return Sample(img, colour, shape, len(placed))
+    draw = ImageDraw.Draw(img)
+    if shape == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    else:
+        draw.polygon(_polygon(shape, cx, cy, r, rng.uniform(-SPIN[shape], SPIN[shape])), fill=fill)
+    return Sample(img, colour, shape)
 
 
-def samples(seed: int):
-    """Endless reproducible stream of samples."""
+def filler(rng: random.Random, sentences: int) -> str:
+    """`sentences` sentences of 3-12 random filler words, each ending in ". "."""
+    return "".join(" ".join(rng.choice(FILLER_WORDS) for _ in range(rng.randint(3, 12))).capitalize() + ". "
+                   for _ in range(sentences))
+
+
+def make_qa(rng: random.Random, size: tuple[int, int] | None = None, prose: bool = False):
+    """One (sample, kind, question, answer); with `prose` the question starts with filler."""
+    kind = rng.choices(list(QUESTION_WEIGHTS), weights=list(QUESTION_WEIGHTS.values()))[0]
+    sample = make_sample(rng, size)
+    lead = filler(rng, rng.randint(1, 8)) if prose else ""
+    return sample, kind, lead + QUESTIONS[kind], sample.answer(kind)
+
+
+def batches(seed: int, batch_size: int):
+    """Endless reproducible training batches; every batch shares one image size, and a fifth
+    of them (whole batches, so short prompts are not padded to long ones) carry filler."""
     rng = random.Random(seed)
     while True:
-        yield make_sample(rng)
+        size, prose = pick_size(rng), rng.random() < 0.2
+        yield [make_qa(rng, size=size, prose=prose) for _ in range(batch_size)]
 
 
-def qa_stream(seed: int, kinds=("colour", "shape", "count"), weights=(1.0, 1.3, 1.0)):
-    """Endless reproducible (sample, kind, question, answer) stream, one question per image."""
-    rng = random.Random(seed ^ 0x5EED)
-    for sample in samples(seed):
-        kind = rng.choices(kinds, weights=weights)[0]
-        yield sample, kind, QUESTIONS[kind], sample.answer(kind)
+def held_out(seed: int, n_images: int):
+    """`n_images` fresh images, each asked its colour and its shape: [(sample, kind, question, answer)]."""
+    rng = random.Random(seed)
+    samples = [make_sample(rng) for _ in range(n_images)]
+    return [(s, k, QUESTIONS[k], s.answer(k)) for s in samples for k in QUESTIONS]
 
 
 def main() -> None:  # write a contact sheet to eyeball the data
@@ -175,10 +177,12 @@ def main() -> None:  # write a contact sheet to eyeball the data
     rows = (args.n + cols - 1) // cols
     sheet = Image.new("RGB", (cols * cell, rows * cell), (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
-    for i, s in zip(range(args.n), samples(args.seed)):
+    rng = random.Random(args.seed)
+    for i in range(args.n):
+        s = make_sample(rng)
         x, y = (i % cols) * cell, (i // cols) * cell
         sheet.paste(s.image, (x + 2, y + 2))
-        draw.text((x + 2, y + cell - 12), f"{s.colour} {s.shape} {s.count}", fill=(0, 0, 0))
+        draw.text((x + 2, y + cell - 12), f"{s.colour} {s.shape}", fill=(0, 0, 0))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(args.out)
     print(args.out)
