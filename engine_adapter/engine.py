@@ -113,7 +113,7 @@ class Engine:
         except VLLMClientError as exc:
             raise EngineRequestError(str(exc)) from exc
 
-    def _publish(self, hashes: list[str], items: list) -> None:
+    def _publish(self, hashes: dict[str, list[str]], items: dict[str, list]) -> None:
         """Write each new identity's item into the ring once; items become addresses.
 
         All or nothing, and bounded: vLLM's own injection falls back to sending an item that
@@ -121,27 +121,27 @@ class Engine:
         request instead (EngineCapacityError) and undo the holds taken on its other items.
         """
         cache = self._llm.renderer.mm_processor_cache
-        new = [(h, item) for h, item in zip(hashes, items) if not cache.is_cached_item(h)]
-        sizes = [_item_nbytes(item) for _, item in new]
+        slots = [(modality, i, h) for modality, hs in hashes.items() for i, h in enumerate(hs)]
+        sizes = [_item_nbytes(items[m][i]) for m, i, h in slots if not cache.is_cached_item(h)]
         if sizes and (max(sizes) > self._shm_item_bytes or sum(sizes) > self._shm_bytes):
             raise EngineCapacityError(
-                f"images need {sum(sizes)} bytes of shared memory (largest {max(sizes)}); the ring holds "
-                f"{self._shm_bytes} (--mm-shm-gb) and {self._shm_item_bytes} per item "
+                f"images and videos need {sum(sizes)} bytes of shared memory (largest {max(sizes)}); the ring "
+                f"holds {self._shm_bytes} (--mm-shm-gb) and {self._shm_item_bytes} per item "
                 "(--mm-shm-cache-max-object-size-mb)")
         store = cache._shm_cache  # vLLM's SingleWriterShmObjectStorage: holds are its writer flags
         held = []
-        for i, h in enumerate(hashes):
-            items[i], _ = cache.get_and_update_item((items[i], []), h)
+        for modality, i, h in slots:
+            items[modality][i], _ = cache.get_and_update_item((items[modality][i], []), h)
             if not cache.is_cached_item(h):  # the ring is full of items the ranks have not read yet
                 for monotonic_id in held:
                     store.writer_flag[monotonic_id] -= 1
                 raise EngineCapacityError(
-                    f"the shared-memory ring ({self._shm_bytes} bytes, --mm-shm-gb) is full of images "
+                    f"the shared-memory ring ({self._shm_bytes} bytes, --mm-shm-gb) is full of items "
                     "in flight; retry shortly")
             held.append(store.key_index[h][1])
         self._llm.renderer.update_mm_cache_stats()
-        self.stats.mm_items_published += len(new)
-        self.stats.mm_items_reused += len(hashes) - len(new)
+        self.stats.mm_items_published += len(sizes)
+        self.stats.mm_items_reused += len(slots) - len(sizes)
 
     async def abort(self, request_ids: Sequence[str]) -> None:
         await self._llm.abort(list(request_ids))

@@ -42,6 +42,9 @@ def model_info(config: VllmConfig) -> ModelInfo:
         bos_token_id=int(getattr(text, "bos_token_id", None) or -1),
         pad_token_id=int(getattr(text, "pad_token_id", None) or -1),
         image_token_id=getattr(hf, "image_token_id", None),
+        video_token_id=getattr(hf, "video_token_id", None),
+        # Qwen3-VL's M-RoPE finds each frame's <|vision_start|> from the range's offset.
+        video_frames_layout=hf.model_type.startswith("qwen3"),
         spatial_merge_size=getattr(vision, "spatial_merge_size", 1) if vision is not None else 1,
         patch_dim=_patch_dim(vision),
         supports_vision=model.is_multimodal_model,

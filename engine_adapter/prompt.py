@@ -1,10 +1,10 @@
 """EngineRequest -> the engine input vLLM takes without running any HF processor.
 
-Text-only prompts are plain token inputs. With images, each image becomes one
+Text-only prompts are plain token inputs. Each image or video becomes one
 `MultiModalKwargsItem` laid out by the model's own field config (so the same code
-serves every family vLLM registers), keyed by the image's identity, with its
-placeholder range given explicitly: vLLM computes M-RoPE positions and writes
-embeddings from these ranges, never by searching the ids.
+serves every family vLLM registers), keyed by its identity, with its placeholder
+range given explicitly: vLLM computes M-RoPE positions and writes embeddings from
+these ranges, never by searching the ids.
 """
 
 import torch
@@ -12,43 +12,47 @@ from transformers import BatchFeature
 from vllm.inputs import mm_input, tokens_input
 from vllm.multimodal.inputs import MultiModalKwargsItems, PlaceholderRange
 
-from engine_adapter.types import EngineRequest, ImageInput
+from engine_adapter.types import EngineRequest, MediaItem
+
+# The tensor names each modality's field config expects.
+_PIXELS = {"image": "pixel_values", "video": "pixel_values_videos"}
+_GRID = {"image": "image_grid_thw", "video": "video_grid_thw"}
 
 
-def _image_item(mm_processor, image: ImageInput):
-    tensors = BatchFeature(
-        {"pixel_values": image.pixel_values, "image_grid_thw": torch.tensor([image.grid_thw], dtype=torch.int64)}
-    )
+def _item(mm_processor, media: MediaItem):
+    tensors = {_PIXELS[media.modality]: media.pixel_values,
+               _GRID[media.modality]: torch.tensor([media.grid_thw], dtype=torch.int64)}
+    if media.second_per_grid is not None:
+        tensors["second_per_grid_ts"] = torch.tensor([media.second_per_grid], dtype=torch.float32)
     # The model's declared layout (flat pixel rows by grid size, batched grid, ...).
-    fields = mm_processor._get_mm_fields_config(tensors, {})
-    items = MultiModalKwargsItems.from_hf_inputs(tensors, fields)
-    return items["image"][0]
+    fields = mm_processor._get_mm_fields_config(BatchFeature(tensors), {})
+    return MultiModalKwargsItems.from_hf_inputs(BatchFeature(tensors), fields)[media.modality][0]
 
 
 def build_engine_input(request: EngineRequest, mm_processor, publish=None):
     """The dict `AsyncLLM.generate` accepts for pre-tokenized, pre-processed input.
 
-    `publish(hashes, items)`, when given, may replace items in place by handles to a copy
-    the engine's ranks already share (vLLM's shared-memory object store).
+    `publish(hashes, items)` (both by modality), when given, may replace items in place by
+    handles to a copy the engine's ranks already share (vLLM's shared-memory object store).
     """
     ids = list(request.prompt_ids)
-    if not request.images:
+    if not request.media:
         return tokens_input(ids)
-    items = [_image_item(mm_processor, image) for image in request.images]
-    hashes = [image.identity for image in request.images]
+    kwargs, hashes, placeholders = {}, {}, {}
+    for modality in dict.fromkeys(m.modality for m in request.media):
+        media = [m for m in request.media if m.modality == modality]
+        kwargs[modality] = [_item(mm_processor, m) for m in media]
+        hashes[modality] = [m.identity for m in media]
+        placeholders[modality] = [
+            PlaceholderRange(offset=m.offset, length=m.length,
+                             is_embed=None if m.is_embed is None else torch.tensor(m.is_embed, dtype=torch.bool))
+            for m in media
+        ]
     if publish is not None:
-        publish(hashes, items)
-    placeholders = [
-        PlaceholderRange(
-            offset=image.offset,
-            length=image.length,
-            is_embed=None if image.is_embed is None else torch.tensor(image.is_embed, dtype=torch.bool),
-        )
-        for image in request.images
-    ]
+        publish(hashes, kwargs)
     return mm_input(
         prompt_token_ids=ids,
-        mm_kwargs=MultiModalKwargsItems({"image": items}),
-        mm_hashes={"image": hashes},
-        mm_placeholders={"image": placeholders},
+        mm_kwargs=MultiModalKwargsItems(kwargs),
+        mm_hashes=hashes,
+        mm_placeholders=placeholders,
     )

@@ -28,15 +28,17 @@ class SamplingOptions:
 
 
 @dataclass(frozen=True)
-class ImageInput:
-    """One image: its patches (engine-ready dtype), its grid and where its embeddings go."""
+class MediaItem:
+    """One image or video: its patches (engine-ready dtype), its grid and where its embeddings go."""
 
     pixel_values: torch.Tensor  # [t*h*w patches, C*t_patch*p*p]
     grid_thw: tuple[int, int, int]
     identity: str  # multimodal identifier: encoder-cache and prefix-cache key
-    offset: int  # first prompt position of this image's placeholder range
+    offset: int  # first prompt position of this item's placeholder range
     length: int  # number of prompt positions in the range
     is_embed: tuple[bool, ...] | None = None  # None = every position in the range is an embedding
+    modality: str = "image"  # or "video"
+    second_per_grid: float | None = None  # video: seconds per temporal grid step (Qwen2.5-VL's M-RoPE time)
 
 
 @dataclass(frozen=True)
@@ -46,7 +48,7 @@ class EngineRequest:
     request_id: str
     prompt_ids: tuple[int, ...]
     sampling: SamplingOptions
-    images: tuple[ImageInput, ...] = ()
+    media: tuple[MediaItem, ...] = ()  # in prompt order
 
 
 @dataclass(frozen=True)
@@ -102,6 +104,8 @@ class ModelInfo:
     bos_token_id: int
     pad_token_id: int
     image_token_id: int | None
+    video_token_id: int | None
+    video_frames_layout: bool  # a video is per-frame blocks (timestamp, start, pads, end): Qwen3-VL
     spatial_merge_size: int
     patch_dim: int  # values per pixel-patch row: channels * temporal_patch * patch^2
     supports_vision: bool

@@ -114,10 +114,10 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
                 self.metrics.mm_bytes.labels(transport).inc(nbytes)
             engine_request = decoded.engine
             state.prompt_tokens = len(engine_request.prompt_ids)
-            if engine_request.images:
+            if engine_request.media:
                 # The identities a caller may later send instead of pixels (reference by hash).
                 await context.send_initial_metadata(
-                    (("vlm-mm-identities", ",".join(i.identity for i in engine_request.images)),)
+                    (("vlm-mm-identities", ",".join(i.identity for i in engine_request.media)),)
                 )
             # Prompt logprobs are reported against the prompt as the engine ran it (placeholders
             # expanded), with the caller's own token ids (never the pad values).
@@ -230,7 +230,7 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
             model_dtype=str(info.dtype),
             mm_device_do_normalize=info.supports_vision,  # raw uint8 pixels welcome (see pixels.py)
             max_num_seqs=info.max_num_seqs,
-            mm_item_limits=",".join(f"{m}={n}" for m, n in sorted(info.mm_item_limits.items()) if m == "image"),
+            mm_item_limits=",".join(f"{m}={n}" for m, n in sorted(info.mm_item_limits.items())),
             multimodal_encoder_dtype=str(info.dtype).removeprefix("torch."),
             prefix_cache_hit_rate=self.engine.stats.prefix_cache_hit_rate,
             mm_store_items=store.items,

@@ -15,10 +15,11 @@ import torch
 import xxhash
 
 
-def image_identity(pixels: torch.Tensor, grid_thw: tuple[int, int, int]) -> str:
-    """Identity of one image's patches as sent (before any cast), including its grid."""
+def image_identity(pixels: torch.Tensor, grid_thw: tuple[int, int, int], salt: str = "") -> str:
+    """Identity of one image's (or video's) patches as sent (before any cast), including its grid;
+    `salt` adds what else changes its meaning (a video's modality and time step)."""
     h = xxhash.xxh3_128()
-    h.update(f"{pixels.dtype}|{tuple(pixels.shape)}|{grid_thw}|".encode())
+    h.update(f"{salt}{pixels.dtype}|{tuple(pixels.shape)}|{grid_thw}|".encode())
     contiguous = pixels.contiguous()
     # Hash the raw bytes without a copy (uint8 view of the tensor's storage).
     h.update(contiguous.view(torch.uint8).numpy().data if contiguous.numel() else b"")

@@ -1,10 +1,11 @@
-"""MultimodalInputs (one image batch, as SMG sends it) -> per-image ImageInputs.
+"""MultimodalInputs (one image or video batch, as SMG sends it) -> per-item MediaItems.
 
-Honours SMG's layout keys: `flat_keys` names the per-image row counts of a flat
-tensor, `batched_keys` the tensors whose first dimension is per image,
+Honours SMG's layout keys: `flat_keys` names the per-item row counts of a flat
+tensor, `batched_keys` the tensors whose first dimension is per item,
 `keep_on_cpu_keys` tensors the engine keeps on the host (the model's own field
-config already does so for grids). Blocking work (decode, hash, cast): run it off
-the event loop.
+config already does so for grids). A batch's pixels always arrive as `pixel_values`
+(SMG's name for images and videos alike); the modality says which they are.
+Blocking work (decode, hash, cast): run it off the event loop.
 """
 
 from collections.abc import Callable
@@ -12,64 +13,92 @@ from dataclasses import dataclass
 
 import torch
 
-from engine_adapter.types import ImageInput, ModelInfo
+from engine_adapter.types import MediaItem, ModelInfo
 from servicer.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from servicer.identity import image_identity, pad_values
 from servicer.image_store import ImageStore, StoredImage
-from servicer.placeholders import place_images
+from servicer.placeholders import place_items
 from servicer.shm import ConsumedSegments
 from servicer.tensors import SegmentGone, decode_tensor
 from vlm_proto import common_pb2, vllm_engine_pb2 as pb
 
-GRID_KEY = "image_grid_thw"
+
+@dataclass(frozen=True)
+class Modality:
+    """The tensor names one modality's batch carries."""
+
+    name: str  # "image" | "video": vLLM's modality key
+    grid_key: str
+    time_keys: tuple[str, ...] = ()  # per-item seconds per temporal grid step, by any of these names
+    pixel_keys: tuple[str, ...] = ("pixel_values",)  # names flat_keys may give the pixels
 
 
-def _grid(mm: pb.MultimodalInputs, unlink_shm: bool) -> torch.Tensor:
-    if GRID_KEY not in mm.model_specific_tensors:
-        raise InvalidArgument(f"mm_inputs.model_specific_tensors: missing '{GRID_KEY}'")
-    field = f"mm_inputs.model_specific_tensors['{GRID_KEY}']"
-    grid = decode_tensor(field, mm.model_specific_tensors[GRID_KEY], unlink_shm)
+IMAGE = Modality("image", "image_grid_thw")
+# SMG names the video time tensor `video_second_per_grid`; vLLM's field is `second_per_grid_ts`.
+VIDEO = Modality("video", "video_grid_thw", ("second_per_grid_ts", "video_second_per_grid"),
+                 ("pixel_values", "pixel_values_videos"))
+MODALITIES = {common_pb2.MODALITY_UNSPECIFIED: IMAGE, common_pb2.IMAGE: IMAGE, common_pb2.VIDEO: VIDEO}
+
+
+def _grid(mm: pb.MultimodalInputs, kind: Modality, where: str, unlink_shm: bool) -> torch.Tensor:
+    if kind.grid_key not in mm.model_specific_tensors:
+        raise InvalidArgument(f"{where}.model_specific_tensors: missing '{kind.grid_key}' ({kind.name} batch)")
+    field = f"{where}.model_specific_tensors['{kind.grid_key}']"
+    grid = decode_tensor(field, mm.model_specific_tensors[kind.grid_key], unlink_shm)
     if grid.is_floating_point() or grid.dim() != 2 or grid.shape[1] != 3:
-        raise InvalidArgument(f"{field}: must be an integer tensor of shape [num_images, 3], got {list(grid.shape)} {grid.dtype}")
+        raise InvalidArgument(f"{field}: must be an integer tensor of shape [num_{kind.name}s, 3], got {list(grid.shape)} {grid.dtype}")
     grid = grid.to(torch.int64)
     if grid.shape[0] == 0 or bool((grid <= 0).any()):
-        raise InvalidArgument(f"{field}: needs at least one image and positive t, h, w")
+        raise InvalidArgument(f"{field}: needs at least one {kind.name} and positive t, h, w")
     return grid
 
 
-def _rows_per_image(mm: pb.MultimodalInputs, rows: list[int], unlink_shm: bool) -> list[int]:
-    """Rows each image has in pixel_values: its grid's, or 0 for a reference (flat_keys sizes say 0)."""
+def _rows_per_item(mm: pb.MultimodalInputs, kind: Modality, where: str, rows: list[int], unlink_shm: bool) -> list[int]:
+    """Rows each item has in pixel_values: its grid's, or 0 for a reference (flat_keys sizes say 0)."""
     sent = rows
     for key, sizes_key in mm.flat_keys.items():
-        if key != "pixel_values":
-            raise InvalidArgument(f"mm_inputs.flat_keys: unexpected tensor '{key}' (only pixel_values is flat)")
+        if key not in kind.pixel_keys:
+            raise InvalidArgument(f"{where}.flat_keys: unexpected tensor '{key}' (only the pixels are flat)")
         if sizes_key not in mm.model_specific_tensors:
-            raise InvalidArgument(f"mm_inputs.flat_keys['pixel_values']: sizes tensor '{sizes_key}' is missing")
-        sizes = decode_tensor(f"mm_inputs.model_specific_tensors['{sizes_key}']", mm.model_specific_tensors[sizes_key], unlink_shm)
+            raise InvalidArgument(f"{where}.flat_keys['{key}']: sizes tensor '{sizes_key}' is missing")
+        sizes = decode_tensor(f"{where}.model_specific_tensors['{sizes_key}']", mm.model_specific_tensors[sizes_key], unlink_shm)
         sent = sizes.flatten().to(torch.int64).tolist()
         if len(sent) != len(rows) or any(s not in (0, r) for s, r in zip(sent, rows)):
             raise InvalidArgument(
-                f"mm_inputs.model_specific_tensors['{sizes_key}']: {sent} rows per image, "
-                f"but {GRID_KEY} implies {rows} (0 marks an image referenced by hash)"
+                f"{where}.model_specific_tensors['{sizes_key}']: {sent} rows per {kind.name}, "
+                f"but {kind.grid_key} implies {rows} (0 marks an item referenced by hash)"
             )
     return sent
 
 
-def _check_layout_keys(mm: pb.MultimodalInputs, num_images: int) -> None:
+def _seconds_per_grid(mm: pb.MultimodalInputs, kind: Modality, where: str, count: int, unlink_shm: bool) -> list[float | None]:
+    present = [k for k in kind.time_keys if k in mm.model_specific_tensors]
+    if not present:
+        return [None] * count
+    field = f"{where}.model_specific_tensors['{present[0]}']"
+    seconds = decode_tensor(field, mm.model_specific_tensors[present[0]], unlink_shm).flatten()
+    if seconds.numel() != count or not bool((seconds > 0).all()):
+        raise InvalidArgument(f"{field}: needs one positive value per {kind.name} ({count}), got {seconds.tolist()}")
+    return [float(x) for x in seconds]
+
+
+def _check_layout_keys(mm: pb.MultimodalInputs, kind: Modality, where: str, count: int) -> None:
     known = {"pixel_values", *mm.model_specific_tensors}
-    allowed_extra = {GRID_KEY, *mm.flat_keys.values()}
-    extra = sorted(set(mm.model_specific_tensors) - allowed_extra)
+    allowed = {kind.grid_key, *kind.time_keys, *mm.flat_keys.values()}
+    extra = sorted(set(mm.model_specific_tensors) - allowed)
     if extra:
-        raise InvalidArgument(f"mm_inputs.model_specific_tensors: unexpected {extra} (expected {GRID_KEY} and flat_keys sizes)")
+        raise InvalidArgument(
+            f"{where}.model_specific_tensors: unexpected {extra} for a {kind.name} batch "
+            f"(expected {kind.grid_key}{', ' + ' or '.join(kind.time_keys) if kind.time_keys else ''} and flat_keys sizes)")
     for key in list(mm.batched_keys) + list(mm.keep_on_cpu_keys):
         if key not in known:
-            raise InvalidArgument(f"mm_inputs: layout key '{key}' names no tensor in this batch")
+            raise InvalidArgument(f"{where}: layout key '{key}' names no tensor in this batch")
     for key in mm.batched_keys:
         if key == "pixel_values":
-            raise InvalidArgument("mm_inputs.batched_keys: pixel_values is flat (rows per image), not batched")
+            raise InvalidArgument(f"{where}.batched_keys: pixel_values is flat (rows per {kind.name}), not batched")
         first = mm.model_specific_tensors[key].shape[:1]
-        if list(first) != [num_images]:
-            raise InvalidArgument(f"mm_inputs.batched_keys: '{key}' first dimension {list(first)} != {num_images} images")
+        if list(first) != [count]:
+            raise InvalidArgument(f"{where}.batched_keys: '{key}' first dimension {list(first)} != {count} {kind.name}s")
 
 
 @dataclass(frozen=True)
@@ -84,26 +113,31 @@ class ImagePolicy:
     unlink_shm: bool = True  # --no-mm-shm-keep
 
 
-def _identities(mm: pb.MultimodalInputs, raw: list[torch.Tensor | None], grids: list[tuple], trust: bool) -> list[str]:
-    """Per image: computed from the bytes (recompute), or the gateway's hash where trusted and present.
+def _identities(mm: pb.MultimodalInputs, kind: Modality, where: str, raw: list[torch.Tensor | None],
+                grids: list[tuple], seconds: list[float | None], trust: bool) -> list[str]:
+    """Per item: computed from the bytes (recompute), or the gateway's hash where trusted and present.
 
     A reference (no pixels) is always named by its hash: under recompute that must be
     the identity this servicer computed when the pixels came (returned to the caller).
+    A video's identity also covers its modality and its time step (they change its positions).
     """
     out = []
-    for i, (pixels, thw) in enumerate(zip(raw, grids)):
+    for i, (pixels, thw, sec) in enumerate(zip(raw, grids, seconds)):
         given = mm.mm_hashes[i] if mm.mm_hashes else ""
         if pixels is None:
             if not given:
-                raise InvalidArgument(f"mm_inputs.mm_hashes[{i}]: image {i} has no pixels, so it needs its identity")
+                raise InvalidArgument(f"{where}.mm_hashes[{i}]: {kind.name} {i} has no pixels, so it needs its identity")
+            out.append(given)
+        elif trust and given:
             out.append(given)
         else:
-            out.append(given if trust and given else image_identity(pixels, thw))
+            salt = "" if kind is IMAGE else f"{kind.name}|{sec}"
+            out.append(image_identity(pixels, thw, salt))
     return out
 
 
-def _resolve(identities, ready, grids, store: ImageStore) -> list[torch.Tensor]:
-    """Engine-ready pixels per image: the request's own (then stored), or the store's for references."""
+def _resolve(identities, ready, grids, kind: Modality, where: str, store: ImageStore) -> list[torch.Tensor]:
+    """Engine-ready pixels per item: the request's own (then stored), or the store's for references."""
     out, missing = [], []
     for i, (ident, px, thw) in enumerate(zip(identities, ready, grids)):
         if px is not None:
@@ -115,43 +149,43 @@ def _resolve(identities, ready, grids, store: ImageStore) -> list[torch.Tensor]:
                 continue
             if stored.grid_thw != thw:
                 raise InvalidArgument(
-                    f"mm_inputs.model_specific_tensors['{GRID_KEY}'][{i}]: {list(thw)} but image {ident} "
+                    f"{where}.model_specific_tensors['{kind.grid_key}'][{i}]: {list(thw)} but {kind.name} {ident} "
                     f"was stored with grid {list(stored.grid_thw)}"
                 )
             px = stored.pixel_values
         out.append(px)
     if missing:
         raise FailedPrecondition(
-            f"mm_inputs: {len(missing)} referenced image(s) not held by this servicer, resend their pixels: "
+            f"{where}: {len(missing)} referenced {kind.name}(s) not held by this servicer, resend their pixels: "
             + ",".join(missing),
             metadata=(("vlm-missing-mm-hashes", ",".join(missing)),),
         )
     return out
 
 
-def _pixels(mm: pb.MultimodalInputs, policy: ImagePolicy) -> tuple[torch.Tensor | None, SegmentGone | None]:
+def _pixels(mm: pb.MultimodalInputs, where: str, policy: ImagePolicy) -> tuple[torch.Tensor | None, SegmentGone | None]:
     """The batch's pixel rows; None when there are none, or (with the error) when they came
-    in a segment we already consumed, whose images may still be in the store."""
+    in a segment we already consumed, whose items may still be in the store."""
     if not mm.HasField("pixel_values"):
         return None, None
     try:
-        return decode_tensor("mm_inputs.pixel_values", mm.pixel_values, policy.unlink_shm), None
+        return decode_tensor(f"{where}.pixel_values", mm.pixel_values, policy.unlink_shm), None
     except SegmentGone as gone:
         if policy.consumed.identities(gone.name) is None:
             raise
         return None, gone
 
 
-def _split(pixels, sent_rows: list[int], patch_dim: int, prepare_pixels) -> tuple[list, list]:
-    """Per image: the rows as sent (for hashing) and engine-ready (one cast for the batch); None where not sent."""
-    num_images = len(sent_rows)
-    raw, ready = [None] * num_images, [None] * num_images
+def _split(pixels, sent_rows: list[int], patch_dim: int, kind: Modality, where: str, prepare_pixels) -> tuple[list, list]:
+    """Per item: the rows as sent (for hashing) and engine-ready (one cast for the batch); None where not sent."""
+    count = len(sent_rows)
+    raw, ready = [None] * count, [None] * count
     if pixels is None:
         return raw, ready
     if pixels.dim() != 2 or pixels.shape[0] != sum(sent_rows) or pixels.shape[1] != patch_dim:
         raise InvalidArgument(
-            f"mm_inputs.pixel_values: shape {list(pixels.shape)}, but {GRID_KEY} implies "
-            f"[{sum(sent_rows)}, {patch_dim}] ({sent_rows} rows per image)"
+            f"{where}.pixel_values: shape {list(pixels.shape)}, but {kind.grid_key} implies "
+            f"[{sum(sent_rows)}, {patch_dim}] ({sent_rows} rows per {kind.name})"
         )
     for i, (r, p) in enumerate(zip(torch.split(pixels, sent_rows), torch.split(prepare_pixels(pixels), sent_rows))):
         if sent_rows[i]:
@@ -159,13 +193,13 @@ def _split(pixels, sent_rows: list[int], patch_dim: int, prepare_pixels) -> tupl
     return raw, ready
 
 
-def _retried_identities(mm: pb.MultimodalInputs, sent_rows: list[int], policy: ImagePolicy) -> list[str]:
-    """The identities a consumed segment carried, placed on the images that had rows in it."""
+def _retried_identities(mm: pb.MultimodalInputs, where: str, sent_rows: list[int], policy: ImagePolicy) -> list[str]:
+    """The identities a consumed segment carried, placed on the items that had rows in it."""
     name = mm.pixel_values.shm.name
     carried = [i for i, n in enumerate(sent_rows) if n]
     remembered = policy.consumed.identities(name)
     if len(remembered) != len(carried):
-        raise InvalidArgument(f"mm_inputs.pixel_values.shm: segment {name!r} carried {len(remembered)} images, not {len(carried)}")
+        raise InvalidArgument(f"{where}.pixel_values.shm: segment {name!r} carried {len(remembered)} items, not {len(carried)}")
     identities = list(mm.mm_hashes) or [""] * len(sent_rows)
     for i, ident in zip(carried, remembered):
         identities[i] = ident
@@ -180,62 +214,78 @@ def _with_hashes(mm: pb.MultimodalInputs, hashes: list[str]) -> pb.MultimodalInp
     return copy
 
 
-def decode_images(
+def decode_media(
     mm: pb.MultimodalInputs,
+    where: str,
     prompt_ids: list[int],
     info: ModelInfo,
     prepare_pixels: Callable[[torch.Tensor], torch.Tensor],
     policy: ImagePolicy,
-) -> tuple[list[int], list[ImageInput]]:
-    """Validate one image batch; return the (possibly expanded) prompt ids and the images in prompt order.
+) -> tuple[list[MediaItem], list[tuple[int, int]]]:
+    """Validate one image or video batch (`where` names it in errors) against the ids as sent.
 
-    Images without pixels (no `pixel_values`, or 0 rows in the flat_keys sizes tensor)
-    are references, resolved from the image store by identity.
+    Returns the items in prompt order, placed in the ids as sent, and the insertions
+    their one-per-item placeholders need (the caller expands and shifts every batch's
+    items together). Items without pixels (no `pixel_values`, or 0 rows in the flat_keys
+    sizes tensor) are references, resolved from the store by identity.
     """
-    if mm.modality not in (common_pb2.MODALITY_UNSPECIFIED, common_pb2.IMAGE):
-        raise InvalidArgument(f"mm_inputs.modality: {common_pb2.Modality.Name(mm.modality)} is not supported (images only)")
-    if mm.HasField("encoder_input_key") and mm.encoder_input_key != "pixel_values":
-        raise InvalidArgument(f"mm_inputs.encoder_input_key: '{mm.encoder_input_key}' is not supported (pixel_values)")
-    grid = _grid(mm, policy.unlink_shm)
-    num_images = grid.shape[0]
-    limit = info.mm_item_limits.get("image", 0)
-    if num_images > limit:
-        raise ResourceExhausted(f"mm_inputs: {num_images} images exceed this engine's limit of {limit} per prompt")
-    _check_layout_keys(mm, num_images)
+    kind = MODALITIES.get(mm.modality)
+    if kind is None:
+        raise InvalidArgument(f"{where}.modality: {common_pb2.Modality.Name(mm.modality)} is not supported (images and videos)")
+    if mm.HasField("encoder_input_key") and mm.encoder_input_key not in kind.pixel_keys:
+        raise InvalidArgument(f"{where}.encoder_input_key: '{mm.encoder_input_key}' is not supported ({' or '.join(kind.pixel_keys)})")
+    pad_id = mm.im_token_id if mm.HasField("im_token_id") else getattr(info, f"{kind.name}_token_id")
+    if pad_id is None:
+        raise InvalidArgument(f"{where}: model {info.served_model_name} takes no {kind.name}s")
+    grid = _grid(mm, kind, where, policy.unlink_shm)
+    count = grid.shape[0]
+    limit = info.mm_item_limits.get(kind.name, 0)
+    if count > limit:
+        raise ResourceExhausted(f"{where}: {count} {kind.name}s exceed this engine's limit of {limit} per prompt")
+    _check_layout_keys(mm, kind, where, count)
     rows = grid.prod(-1).tolist()
-    sent_rows = _rows_per_image(mm, rows, policy.unlink_shm) if mm.HasField("pixel_values") else [0] * num_images
-    if mm.mm_hashes and len(mm.mm_hashes) != num_images:
-        raise InvalidArgument(f"mm_inputs.mm_hashes: {len(mm.mm_hashes)} hashes for {num_images} images")
-    pixels, gone = _pixels(mm, policy)
-    raw, ready = _split(pixels, sent_rows, info.patch_dim, prepare_pixels)
-    pad_id = mm.im_token_id if mm.HasField("im_token_id") else info.image_token_id
+    sent_rows = _rows_per_item(mm, kind, where, rows, policy.unlink_shm) if mm.HasField("pixel_values") else [0] * count
+    if mm.mm_hashes and len(mm.mm_hashes) != count:
+        raise InvalidArgument(f"{where}.mm_hashes: {len(mm.mm_hashes)} hashes for {count} {kind.name}s")
+    seconds = _seconds_per_grid(mm, kind, where, count, policy.unlink_shm)
+    pixels, gone = _pixels(mm, where, policy)
+    raw, ready = _split(pixels, sent_rows, info.patch_dim, kind, where, prepare_pixels)
     merge = info.spatial_merge_size
-    ids, placements = place_images(prompt_ids, pad_id, [r // (merge * merge) for r in rows], [(p.offset, p.length) for p in mm.mm_placeholders])
+    frames = kind is VIDEO and info.video_frames_layout
+    placements, inserts = place_items(
+        prompt_ids, pad_id, [r // (merge * merge) for r in rows], [(p.offset, p.length) for p in mm.mm_placeholders],
+        narrow=not frames, expand=not frames, what=kind.name)
     grids = [tuple(thw) for thw in grid.tolist()]
-    if gone is not None:  # a retry naming a segment we consumed: its images become references
-        mm = _with_hashes(mm, _retried_identities(mm, sent_rows, policy))
-    identities = _identities(mm, raw, grids, policy.trust_gateway_hashes)
+    if gone is not None:  # a retry naming a segment we consumed: its items become references
+        mm = _with_hashes(mm, _retried_identities(mm, where, sent_rows, policy))
+    identities = _identities(mm, kind, where, raw, grids, seconds, policy.trust_gateway_hashes)
     if pixels is not None and mm.pixel_values.WhichOneof("payload") == "shm":
         policy.consumed.remember(mm.pixel_values.shm.name, tuple(identities[i] for i, n in enumerate(sent_rows) if n))
     try:
-        ready = _resolve(identities, ready, grids, policy.store)
+        ready = _resolve(identities, ready, grids, kind, where, policy.store)
     except FailedPrecondition:
         if gone is None:
             raise
         raise gone from None  # name the segment the gateway retried, not our identities
-    return ids, [
-        ImageInput(pixel_values=px, grid_thw=thw, identity=ident, offset=place.offset, length=place.length, is_embed=place.is_embed)
-        for px, thw, ident, place in zip(ready, grids, identities, placements)
-    ]
+    return [
+        MediaItem(pixel_values=px, grid_thw=thw, identity=ident, offset=place.offset, length=place.length,
+                  is_embed=place.is_embed, modality=kind.name, second_per_grid=sec)
+        for px, thw, ident, place, sec in zip(ready, grids, identities, placements, seconds)
+    ], inserts
 
 
-def engine_prompt_ids(ids: list[int], images: list[ImageInput], policy: ImagePolicy) -> list[int]:
-    """The ids the engine sees: each image's embedding positions carry its identity's pad values."""
-    if not policy.pad_values or not images:
+def engine_prompt_ids(ids: list[int], media: list[MediaItem], policy: ImagePolicy, info: ModelInfo) -> list[int]:
+    """The ids the engine sees: each item's embedding positions carry its identity's pad values.
+
+    Except Qwen3-VL videos: vLLM finds each frame's embeddings by its video pad tokens, so
+    those stay (the identity still keys the engine's caches)."""
+    if not policy.pad_values or not media:
         return ids
     out = list(ids)
-    for image in images:
-        positions = [image.offset + k for k in range(image.length) if image.is_embed is None or image.is_embed[k]]
-        for pos, pad in zip(positions, pad_values(image.identity, len(positions), policy.pad_candidates)):
+    for item in media:
+        if item.modality == "video" and info.video_frames_layout:
+            continue
+        positions = [item.offset + k for k in range(item.length) if item.is_embed is None or item.is_embed[k]]
+        for pos, pad in zip(positions, pad_values(item.identity, len(positions), policy.pad_candidates)):
             out[pos] = pad
     return out

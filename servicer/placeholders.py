@@ -1,10 +1,11 @@
-"""Where each image's embeddings go in the prompt: validate given ranges or find and expand placeholders.
+"""Where each item's embeddings go in the prompt: validate given ranges or find and expand placeholders.
 
 Gateways send one of two forms:
-  * expanded: each image's pad-token run is already in the ids, with `mm_placeholders`
-    ranges (which may include structural tokens such as <|vision_start|>);
-  * one placeholder per image: a single pad token that we expand to the number of
-    embeddings the image's grid implies (t*h*w / merge^2).
+  * expanded: each item's pad-token run is already in the ids, with `mm_placeholders`
+    ranges (which may include structural tokens such as <|vision_start|>, or a video's
+    per-frame timestamps and markers);
+  * one placeholder per item: a single pad token that we expand to the number of
+    embeddings the item's grid implies (t*h*w / merge^2).
 """
 
 from dataclasses import dataclass
@@ -19,7 +20,8 @@ class Placement:
     is_embed: tuple[bool, ...] | None  # None: every position in the range is an embedding
 
 
-def _from_ranges(ids: list[int], pad_id: int, ranges: list[tuple[int, int]], expected: list[int]) -> list[Placement]:
+def _from_ranges(ids: list[int], pad_id: int, ranges: list[tuple[int, int]], expected: list[int],
+                 narrow: bool) -> list[Placement]:
     placements, end_prev = [], 0
     for i, ((offset, length), want) in enumerate(zip(ranges, expected)):
         field = f"mm_inputs.mm_placeholders[{i}]"
@@ -40,7 +42,7 @@ def _from_ranges(ids: list[int], pad_id: int, ranges: list[tuple[int, int]], exp
                 f"but image {i}'s grid implies {want} embeddings"
             )
         first = mask.index(True)
-        if all(mask[first:first + want]):
+        if narrow and all(mask[first:first + want]):
             # One contiguous run: narrow the range to it. vLLM derives M-RoPE positions
             # from the range's offset, so a range starting on a structural token would
             # shift every position of the image by one.
@@ -64,33 +66,46 @@ def _runs(ids: list[int], pad_id: int) -> list[tuple[int, int]]:
     return runs
 
 
-def place_images(
-    ids: list[int], pad_id: int, expected: list[int], ranges: list[tuple[int, int]]
-) -> tuple[list[int], list[Placement]]:
-    """Return (prompt ids, one placement per image); ids are expanded only in the one-per-image form."""
+def place_items(
+    ids: list[int], pad_id: int, expected: list[int], ranges: list[tuple[int, int]], *,
+    narrow: bool = True, expand: bool = True, what: str = "image",
+) -> tuple[list[Placement], list[tuple[int, int]]]:
+    """One placement per item, in the coordinates of `ids` as sent, and the insertions
+    (position, tokens added) that expanding one-per-item placeholders needs (`expanded` applies them).
+
+    `narrow=False` keeps a range that covers structural tokens as sent (Qwen3-VL video: the
+    engine finds each frame's markers from the range's start); `expand=False` refuses the
+    one-per-item form (a layout only the gateway can write, such as per-frame timestamps).
+    """
     if ranges:
         if len(ranges) != len(expected):
-            raise InvalidArgument(
-                f"mm_inputs.mm_placeholders: {len(ranges)} ranges for {len(expected)} images"
-            )
-        return ids, _from_ranges(ids, pad_id, ranges, expected)
+            raise InvalidArgument(f"mm_inputs.mm_placeholders: {len(ranges)} ranges for {len(expected)} {what}s")
+        return _from_ranges(ids, pad_id, ranges, expected, narrow), []
     runs = _runs(ids, pad_id)
+    if [length for _, length in runs] == expected:  # already expanded
+        return [Placement(offset, length, None) for offset, length in runs], []
     num_pads = sum(length for _, length in runs)
     if num_pads == len(expected) and all(want >= 1 for want in expected):
-        # One placeholder per image: expand each to its grid's embedding count.
-        out, placements, cursor = [], [], 0
+        if not expand:
+            raise InvalidArgument(
+                f"tokenized.input_ids: one placeholder per {what} cannot be expanded here (this model's {what}s "
+                "carry per-frame timestamps); send the expanded ids with mm_inputs.mm_placeholders")
         positions = [p for offset, length in runs for p in range(offset, offset + length)]
-        for pos, want in zip(positions, expected):
-            out.extend(ids[cursor:pos])
-            placements.append(Placement(len(out), want, None))
-            out.extend([pad_id] * want)
-            cursor = pos + 1
-        out.extend(ids[cursor:])
-        return out, placements
-    if [length for _, length in runs] == expected:
-        return ids, [Placement(offset, length, None) for offset, length in runs]
+        return ([Placement(pos, want, None) for pos, want in zip(positions, expected)],
+                [(pos, want - 1) for pos, want in zip(positions, expected) if want > 1])
     raise InvalidArgument(
-        f"tokenized.input_ids: found {num_pads} image pad tokens (id {pad_id}) in {len(runs)} runs "
-        f"{[length for _, length in runs]}, but {len(expected)} images need either one placeholder each "
+        f"tokenized.input_ids: found {num_pads} {what} pad tokens (id {pad_id}) in {len(runs)} runs "
+        f"{[length for _, length in runs]}, but {len(expected)} {what}s need either one placeholder each "
         f"or runs of {expected} tokens"
     )
+
+
+def expanded(ids: list[int], inserts: list[tuple[int, int]]) -> list[int]:
+    """`ids` with the placeholder at each inserted position repeated to its full count."""
+    extra = dict(inserts)
+    return [t for i, tok in enumerate(ids) for t in [tok] * (1 + extra.get(i, 0))]
+
+
+def shifted(offset: int, inserts: list[tuple[int, int]]) -> int:
+    """A position in the ids as sent, moved past the tokens inserted before it."""
+    return offset + sum(n for pos, n in inserts if pos < offset)

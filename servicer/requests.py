@@ -1,5 +1,6 @@
 """GenerateRequest -> EngineRequest: every check a client can fail, each naming its field."""
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -7,7 +8,8 @@ import torch
 
 from engine_adapter.types import EngineRequest, ModelInfo, SamplingOptions
 from servicer.errors import InvalidArgument, ResourceExhausted
-from servicer.multimodal import ImagePolicy, decode_images, engine_prompt_ids
+from servicer.multimodal import MODALITIES, ImagePolicy, decode_media, engine_prompt_ids
+from servicer.placeholders import expanded, shifted
 from vlm_proto import vllm_engine_pb2 as pb
 
 
@@ -20,7 +22,6 @@ def _refuse_unsupported(request: pb.GenerateRequest) -> None:
         "kv_transfer_params_json": request.HasField("kv_transfer_params_json"),
         "data_parallel_rank": request.HasField("data_parallel_rank") and request.data_parallel_rank != 0,
         "media_refs": request.HasField("media_refs"),
-        "extra_mm_inputs": len(request.extra_mm_inputs) > 0,
         "sampling_params.stop": len(sp.stop) > 0,
         f"sampling_params.{sp.WhichOneof('constraint')}": sp.WhichOneof("constraint") is not None,
         "sampling_params.truncate_prompt_tokens": sp.HasField("truncate_prompt_tokens"),
@@ -94,10 +95,28 @@ def sampling_options(sp: pb.SamplingParams, prompt_len: int, info: ModelInfo, ma
     )
 
 
-def _tensors(mm: pb.MultimodalInputs):
-    if mm.HasField("pixel_values"):
-        yield mm.pixel_values
-    yield from mm.model_specific_tensors.values()
+def _tensors(batches: list[pb.MultimodalInputs]):
+    for mm in batches:
+        if mm.HasField("pixel_values"):
+            yield mm.pixel_values
+        yield from mm.model_specific_tensors.values()
+
+
+def _batches(request: pb.GenerateRequest) -> list[tuple[str, pb.MultimodalInputs]]:
+    """(field name, batch): `mm_inputs`, then `extra_mm_inputs[i]`; at most one batch per modality."""
+    batches = ([("mm_inputs", request.mm_inputs)] if request.HasField("mm_inputs") else []) + [
+        (f"extra_mm_inputs[{i}]", mm) for i, mm in enumerate(request.extra_mm_inputs)]
+    if request.extra_mm_inputs and not request.HasField("mm_inputs"):
+        raise InvalidArgument("extra_mm_inputs: given without mm_inputs (the first batch goes there)")
+    seen: dict[str, str] = {}
+    for where, mm in batches:
+        kind = MODALITIES.get(mm.modality)
+        if kind is not None and kind.name in seen:
+            raise InvalidArgument(f"{where}.modality: a second {kind.name} batch (the first is {seen[kind.name]}); "
+                                  f"send all {kind.name}s in one batch")
+        if kind is not None:
+            seen[kind.name] = where
+    return batches
 
 
 @dataclass(frozen=True)
@@ -123,17 +142,21 @@ class RequestDecoder:
             raise InvalidArgument("tokenized: missing (this servicer takes token ids)")
         ids = list(request.tokenized.input_ids)
         _check_ids(ids, self.info)
-        images = []
-        if request.HasField("mm_inputs"):
-            if not self.info.supports_vision:
-                raise InvalidArgument(f"mm_inputs: model {self.info.served_model_name} takes no images")
-            ids, images = decode_images(request.mm_inputs, ids, self.info, self.prepare_pixels, self.images)
+        batches = _batches(request)
+        if batches and not self.info.supports_vision:
+            raise InvalidArgument(f"mm_inputs: model {self.info.served_model_name} takes no images or videos")
+        media, inserts = [], []
+        for where, mm in batches:  # every batch placed on the ids as sent, then all expanded at once
+            items, added = decode_media(mm, where, ids, self.info, self.prepare_pixels, self.images)
+            media, inserts = media + items, inserts + added
+        ids = expanded(ids, inserts)
+        media = sorted((dataclasses.replace(m, offset=shifted(m.offset, inserts)) for m in media), key=lambda m: m.offset)
         _check_length(ids, self.info)
         sampling = sampling_options(request.sampling_params, len(ids), self.info, self.max_n)
-        engine_ids = engine_prompt_ids(ids, images, self.images)
-        engine = EngineRequest(request_id=request_id, prompt_ids=tuple(engine_ids), sampling=sampling, images=tuple(images))
+        engine_ids = engine_prompt_ids(ids, media, self.images, self.info)
+        engine = EngineRequest(request_id=request_id, prompt_ids=tuple(engine_ids), sampling=sampling, media=tuple(media))
         mm_bytes: dict[str, int] = {}
-        for t in _tensors(request.mm_inputs) if request.HasField("mm_inputs") else ():
+        for t in _tensors([mm for _, mm in batches]):
             transport = t.WhichOneof("payload")
             mm_bytes[transport] = mm_bytes.get(transport, 0) + (len(t.inline) if transport == "inline" else t.shm.nbytes)
         return DecodedRequest(engine=engine, prompt_ids=tuple(ids), mm_bytes=mm_bytes)

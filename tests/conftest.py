@@ -23,10 +23,10 @@ def model_path() -> str:
     return str(MODEL)
 
 
-async def _start_engine(path):
+async def _start_engine(path, engine_args=ENGINE_ARGS):
     from engine_adapter.engine import parse_engine_args, start_engine
 
-    return await start_engine(parse_engine_args(str(path), list(ENGINE_ARGS)))
+    return await start_engine(parse_engine_args(str(path), list(engine_args)))
 
 
 @pytest_asyncio.fixture(scope="session")

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vlm_proto import vllm_engine_pb2 as pb
+from vlm_proto import common_pb2, vllm_engine_pb2 as pb
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MODEL = ROOT / "models" / "tiny-qwen2-vl"  # random weights, built on first use: the mechanics tests
@@ -20,6 +20,8 @@ ENGINE_ARGS = (
     "--dtype", "float32", "--max-model-len", "4096", "--enforce-eager",
     "--kv-cache-memory-bytes", str(1 << 30), "--limit-mm-per-prompt", '{"image": 8, "video": 0}',
 )
+# The further families' engines also take video.
+FAMILY_ENGINE_ARGS = ENGINE_ARGS[:-1] + ('{"image": 8, "video": 2}',)
 
 
 def image(width: int, height: int, seed: int) -> Image.Image:
@@ -47,12 +49,28 @@ def mm_inputs(pixel_values: torch.Tensor, grid: torch.Tensor, **extra) -> pb.Mul
     )
 
 
-def request(ids, request_id: str = "", mm=None, stream: bool = False, **sampling) -> pb.GenerateRequest:
+def video_inputs(videos, **extra) -> pb.MultimodalInputs:
+    """A VIDEO batch as SMG sends it: float patches named pixel_values, grid, seconds per grid, flat sizes."""
+    return pb.MultimodalInputs(
+        modality=common_pb2.VIDEO,
+        pixel_values=tensor(videos.pixel_values),
+        model_specific_tensors={"video_grid_thw": tensor(videos.grid), "video_second_per_grid": tensor(videos.seconds_per_grid),
+                                "patches_per_video": tensor(videos.grid.prod(-1))},
+        flat_keys={"pixel_values": "patches_per_video"},
+        batched_keys=["video_grid_thw", "video_second_per_grid", "patches_per_video"],
+        keep_on_cpu_keys=["video_grid_thw"],
+        **extra,
+    )
+
+
+def request(ids, request_id: str = "", mm=None, stream: bool = False, extra=(), **sampling) -> pb.GenerateRequest:
+    """A GenerateRequest; `mm` is the first multimodal batch, `extra` the further ones (extra_mm_inputs)."""
     req = pb.GenerateRequest(
         request_id=request_id,
         tokenized=pb.TokenizedInput(input_ids=list(ids)),
         sampling_params=pb.SamplingParams(**sampling),
         stream=stream,
+        extra_mm_inputs=list(extra),
     )
     if mm is not None:
         req.mm_inputs.CopyFrom(mm)

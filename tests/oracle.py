@@ -4,6 +4,7 @@ The model class comes from the checkpoint's config (Qwen2-VL, Qwen2.5-VL, Qwen3-
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -23,6 +24,19 @@ class Images:
         return (self.grid.prod(-1) // 4).tolist()
 
 
+@dataclass
+class Videos:
+    """One or more videos as a gateway sends them (one batch), with their time step."""
+
+    pixel_values: torch.Tensor  # float32, normalized (SMG sends video as floats)
+    grid: torch.Tensor  # [n, 3] int64
+    seconds_per_grid: torch.Tensor  # [n] float32: temporal_patch_size / fps
+
+    @property
+    def tokens_per_video(self) -> list[int]:
+        return (self.grid.prod(-1) // 4).tolist()
+
+
 class Oracle:
     def __init__(self, path=MODEL):
         self.processor = AutoProcessor.from_pretrained(path)
@@ -30,6 +44,8 @@ class Oracle:
         self.model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
         tid = self.tokenizer.convert_tokens_to_ids
         self.pad, self.vs, self.ve = tid("<|image_pad|>"), tid("<|vision_start|>"), tid("<|vision_end|>")
+        self.video_pad = tid("<|video_pad|>")
+        self.family = self.model.config.model_type
 
     def images(self, pil_images) -> Images:
         proc = self.processor.image_processor
@@ -38,6 +54,39 @@ class Oracle:
         assert torch.equal(raw["pixel_values"], raw["pixel_values"].round()), "resized pixels must be integers"
         return Images(norm["pixel_values"].to(torch.float32), raw["pixel_values"].to(torch.uint8),
                       norm["image_grid_thw"].to(torch.int64))
+
+    def videos(self, clips: list[np.ndarray], fps: float = 2.0) -> Videos:
+        """clips: [frames, height, width, 3] uint8 arrays, frames a multiple of temporal_patch_size."""
+        proc = self.processor.video_processor
+        out = proc(videos=clips, return_tensors="pt", do_sample_frames=False)
+        seconds = torch.full((len(clips),), proc.temporal_patch_size / fps, dtype=torch.float32)
+        return Videos(out["pixel_values_videos"].to(torch.float32), out["video_grid_thw"].to(torch.int64), seconds)
+
+    def image_block(self, tokens: int = 1) -> list[int]:
+        return [self.vs] + [self.pad] * tokens + [self.ve]
+
+    def video_block(self, videos: Videos, i: int, expanded: bool = True) -> list[int]:
+        """Video i as the family's processor writes it. Qwen3-VL: per temporal step a timestamp,
+        then <|vision_start|> pads <|vision_end|>, all inside the template's outer markers."""
+        t, h, w = videos.grid[i].tolist()
+        if self.family != "qwen3_vl":
+            return [self.vs] + [self.video_pad] * (t * h * w // 4 if expanded else 1) + [self.ve]
+        step = float(videos.seconds_per_grid[i])
+        block = [self.vs]
+        for k in range(t):  # the middle of each step's frames, as HF's Qwen3VLProcessor stamps it
+            block += self.tokenizer.encode(f"<{(k + 0.25) * step:.1f} seconds>", add_special_tokens=False)
+            block += [self.vs] + [self.video_pad] * (h * w // 4) + [self.ve]
+        return block + [self.ve]
+
+    def prompt(self, text: str, blocks: list[list[int]]) -> tuple[list[int], list[int]]:
+        """The chat prompt with the given image/video blocks before the text, and where each block starts."""
+        enc = lambda s: self.tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
+        ids = enc("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n")
+        starts = []
+        for block in blocks:
+            starts.append(len(ids))
+            ids = ids + block
+        return ids + enc(text + "<|im_end|>\n<|im_start|>assistant\n"), starts
 
     def chat_ids(self, text: str, num_images: int = 0, expand: list[int] | None = None, prefix: str = "") -> list[int]:
         """Qwen2-VL chat prompt; each image is <|vision_start|> pad(s) <|vision_end|>."""
@@ -48,22 +97,27 @@ class Oracle:
         return ids + enc(text + "<|im_end|>\n<|im_start|>assistant\n")
 
     @torch.no_grad()
-    def log_softmax(self, ids: list[int], images: Images | None) -> torch.Tensor:
+    def log_softmax(self, ids: list[int], images: Images | None, videos: Videos | None = None) -> torch.Tensor:
         """[len(ids), vocab] logprobs of the next token at every position."""
         input_ids = torch.tensor([ids])
         kwargs = {}
-        if images is not None:  # mm_token_type_ids: 1 marks image positions for HF's M-RoPE
-            kwargs = {"pixel_values": images.pixel_values, "image_grid_thw": images.grid,
-                      "mm_token_type_ids": (input_ids == self.pad).to(torch.int64)}
+        if images is not None:
+            kwargs |= {"pixel_values": images.pixel_values, "image_grid_thw": images.grid}
+        if videos is not None:
+            kwargs |= {"pixel_values_videos": videos.pixel_values, "video_grid_thw": videos.grid}
+            if self.family == "qwen2_5_vl":
+                kwargs["second_per_grid_ts"] = videos.seconds_per_grid
+        if kwargs:  # mm_token_type_ids: 1 marks image, 2 video positions for HF's M-RoPE
+            kwargs["mm_token_type_ids"] = (input_ids == self.pad).to(torch.int64) + 2 * (input_ids == self.video_pad)
         logits = self.model(input_ids=input_ids, **kwargs).logits[0]
         return torch.log_softmax(logits.to(torch.float32), dim=-1)
 
     @torch.no_grad()
-    def greedy(self, ids: list[int], images: Images | None, n: int) -> tuple[list[int], list[float]]:
+    def greedy(self, ids: list[int], images: Images | None, n: int, videos: Videos | None = None):
         """Greedy continuation and, per step, the top-2 logprob gap (small = near-tie)."""
         out, gaps = [], []
         for _ in range(n):
-            lp = self.log_softmax(ids + out, images)[-1]
+            lp = self.log_softmax(ids + out, images, videos)[-1]
             top = torch.topk(lp, 2)
             gaps.append(float(top.values[0] - top.values[1]))
             out.append(int(top.indices[0]))

@@ -56,7 +56,14 @@ def _bad_requests(oracle, one_image, vocab, max_len):
         "stop strings": (request(text, max_tokens=4, stop=["."]), INVALID, "sampling_params.stop"),
         "structured output": (request(text, max_tokens=4, json_schema="{}"), INVALID, "sampling_params.json_schema"),
         "text input": (pb.GenerateRequest(text="hello", sampling_params=pb.SamplingParams(max_tokens=4)), INVALID, "text"),
-        "video modality": (request(ids, mm=mm(modality=common_pb2.VIDEO), max_tokens=4), INVALID, "mm_inputs.modality"),
+        "video batch of image tensors": (
+            request(ids, mm=mm(modality=common_pb2.VIDEO), max_tokens=4), INVALID, "missing 'video_grid_thw'"),
+        "videos over limit": (  # the session engine runs with --limit-mm-per-prompt video 0
+            request(ids, mm=pb.MultimodalInputs(pixel_values=tensor(pv), modality=common_pb2.VIDEO,
+                                                model_specific_tensors={"video_grid_thw": tensor(grid)}), max_tokens=4),
+            EXHAUSTED, "1 videos exceed this engine's limit of 0"),
+        "two image batches": (
+            request(ids, mm=mm(), max_tokens=4, extra=[mm()]), INVALID, "extra_mm_inputs[0].modality: a second image batch"),
         "shm payload": (
             request(ids, mm=pb.MultimodalInputs(
                 pixel_values=pb.TensorData(shape=list(pv.shape), dtype="float32",
@@ -72,7 +79,7 @@ CASE_NAMES = [
     "empty ids", "id >= vocab", "prompt over context", "byte length", "unknown dtype", "placeholder count",
     "range out of bounds", "ranges overlap", "grid vs pixel rows", "grid too small", "n over limit",
     "max_tokens over context", "logprobs over limit", "stop strings", "structured output", "text input",
-    "video modality", "shm payload", "unexpected tensor",
+    "video batch of image tensors", "videos over limit", "two image batches", "shm payload", "unexpected tensor",
 ]
 
 

@@ -1,14 +1,21 @@
-"""Qwen2.5-VL and Qwen3-VL, each on its own real engine behind real gRPC, against Hugging Face.
+"""Qwen2.5-VL and Qwen3-VL, images and video, each on its own real engine behind real gRPC,
+against Hugging Face.
 
 Per family (random tiny checkpoints from `tinyvlm.build --family`): text only, one image (one
 placeholder, raw uint8), two images of different sizes (expanded, float pixels, SMG's ranges
-and layout keys). The foundation's two-part oracle: teacher-forced logprobs within 1e-3, and
-greedy tokens equal except where HF's own top-2 gap is a near-tie (< 1e-3: random weights).
-Also: GetModelInfo / GetServerInfo name the family and its limits, and a tensor set that
-does not fit the family is INVALID_ARGUMENT naming the tensor.
+and layout keys), one short video (4 frames; SMG's VIDEO batch: float `pixel_values`,
+`video_grid_thw`, `video_second_per_grid`), and a video then an image in one prompt
+(`mm_inputs` + `extra_mm_inputs`). Qwen2.5-VL videos are sent as one placeholder (we expand
+it); Qwen3-VL's per-frame layout (timestamps, markers) can only be written by the gateway,
+so it comes expanded with its range. The foundation's two-part oracle: teacher-forced logprobs
+within 1e-3, and greedy tokens equal except where HF's own top-2 gap is a near-tie (< 1e-3:
+random weights). Also: GetModelInfo / GetServerInfo name the family and its limits, and a
+tensor set that does not fit the family is INVALID_ARGUMENT naming the tensor.
 """
 
 import dataclasses
+
+import numpy as np
 
 import grpc
 import pytest
@@ -16,8 +23,8 @@ import pytest_asyncio
 import torch
 
 from tests.conftest import _channel, _serve, _start_engine
-from tests.fixtures import FAMILY_MODELS, image, mm_inputs, request, tensor
-from tests.oracle import Oracle
+from tests.fixtures import FAMILY_ENGINE_ARGS, FAMILY_MODELS, image, mm_inputs, request, tensor, video_inputs
+from tests.oracle import Images, Oracle, Videos
 from vlm_proto import vllm_engine_pb2 as pb, vllm_engine_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.engine
@@ -39,7 +46,7 @@ async def family(request):
     path = FAMILY_MODELS[request.param]
     if not (path / "RECIPE").exists():
         pytest.fail(f"tiny {request.param} missing at {path}: run `make model` (make test does)")
-    engine = await _start_engine(path)
+    engine = await _start_engine(path, FAMILY_ENGINE_ARGS)
     try:
         async with _serve(engine, path) as server, _channel(server.port) as channel:
             yield Family(request.param, pb_grpc.VllmEngineStub(channel), Oracle(path))
@@ -47,38 +54,77 @@ async def family(request):
         engine.shutdown()
 
 
-def _case(oracle: Oracle, name: str):
-    """(expanded ids for HF, ids as sent, Images or None, MultimodalInputs or None)."""
+def _clip(seed: int, size=(112, 112), frames: int = 4) -> np.ndarray:
+    return np.stack([np.asarray(image(*size, seed=seed + k)) for k in range(frames)])
+
+
+@dataclasses.dataclass
+class Case:
+    hf_ids: list[int]  # expanded, as HF runs them
+    sent_ids: list[int]  # as the gateway sends them
+    images: Images | None = None
+    videos: Videos | None = None
+    batches: tuple[pb.MultimodalInputs, ...] = ()  # mm_inputs, then extra_mm_inputs
+
+
+def _video(oracle: Oracle, videos: Videos, start: int, block: list[int]) -> pb.MultimodalInputs:
+    """Qwen3-VL: the range from frame 0's timestamp to the last frame's end marker (inside the
+    template's outer markers), pads named by im_token_id. Others: one placeholder we expand."""
+    if oracle.family != "qwen3_vl":
+        return video_inputs(videos)
+    return video_inputs(videos, im_token_id=oracle.video_pad,
+                        mm_placeholders=[pb.PlaceholderRange(offset=start + 1, length=len(block) - 2)])
+
+
+def _case(oracle: Oracle, name: str) -> Case:
+    qwen3 = oracle.family == "qwen3_vl"
     if name == "text":
-        ids = oracle.chat_ids("Describe the image.")
-        return ids, ids, None, None
+        ids, _ = oracle.prompt("Describe the image.", [])
+        return Case(ids, ids)
     if name == "one_image_uint8":  # one placeholder, raw uint8 patches (SMG's form)
         imgs = oracle.images([image(112, 112, seed=21)])
-        ids = oracle.chat_ids("Describe the image.", 1, imgs.tokens_per_image)
-        return ids, oracle.chat_ids("Describe the image.", 1), imgs, mm_inputs(imgs.raw, imgs.grid)
+        ids, _ = oracle.prompt("Describe the image.", [oracle.image_block(imgs.tokens_per_image[0])])
+        sent, _ = oracle.prompt("Describe the image.", [oracle.image_block()])
+        return Case(ids, sent, imgs, batches=(mm_inputs(imgs.raw, imgs.grid),))
     if name == "two_images_float":  # expanded, ranges over <|vision_start|>..<|vision_end|>, layout keys
         imgs = oracle.images([image(112, 168, seed=22), image(224, 112, seed=23)])
-        ids = oracle.chat_ids("What is in the image?", 2, imgs.tokens_per_image)
-        starts = [i for i, t in enumerate(ids) if t == oracle.vs]
+        ids, starts = oracle.prompt("What is in the image?", [oracle.image_block(n) for n in imgs.tokens_per_image])
         ranges = [pb.PlaceholderRange(offset=s, length=n + 2) for s, n in zip(starts, imgs.tokens_per_image)]
         mm = mm_inputs(imgs.pixel_values, imgs.grid, mm_placeholders=ranges, im_token_id=oracle.pad,
                        batched_keys=["image_grid_thw", "patches_per_image"],
                        flat_keys={"pixel_values": "patches_per_image"}, keep_on_cpu_keys=["image_grid_thw"])
         mm.model_specific_tensors["patches_per_image"].CopyFrom(tensor(imgs.grid.prod(-1)))
-        return ids, ids, imgs, mm
+        return Case(ids, ids, imgs, batches=(mm,))
+    if name == "video":
+        vids = oracle.videos([_clip(30)])
+        block = oracle.video_block(vids, 0)
+        ids, [start] = oracle.prompt("What happens in the video?", [block])
+        sent = ids if qwen3 else oracle.prompt("What happens in the video?", [oracle.video_block(vids, 0, expanded=False)])[0]
+        return Case(ids, sent, videos=vids, batches=(_video(oracle, vids, start, block),))
+    if name == "video_then_image":  # two batches: the image in mm_inputs, the video in extra_mm_inputs
+        vids, imgs = oracle.videos([_clip(40, size=(112, 168))]), oracle.images([image(112, 112, seed=41)])
+        vblock = oracle.video_block(vids, 0)
+        ids, [start, _] = oracle.prompt("Compare.", [vblock, oracle.image_block(imgs.tokens_per_image[0])])
+        sent, _ = oracle.prompt("Compare.", [vblock if qwen3 else oracle.video_block(vids, 0, expanded=False),
+                                             oracle.image_block()])
+        return Case(ids, sent, imgs, vids, (mm_inputs(imgs.raw, imgs.grid), _video(oracle, vids, start, vblock)))
     raise AssertionError(name)
 
 
-CASES = ["text", "one_image_uint8", "two_images_float"]
+CASES = ["text", "one_image_uint8", "two_images_float", "video", "video_then_image"]
+
+
+def _request(case: Case, ids: list[int], **sampling) -> pb.GenerateRequest:
+    return request(ids, mm=case.batches[0] if case.batches else None, extra=case.batches[1:], **sampling)
 
 
 @pytest.mark.parametrize("name", CASES)
 async def test_greedy_matches_hf_except_at_near_ties(family, name):
-    hf_ids, sent_ids, imgs, mm = _case(family.oracle, name)
-    reference, gaps = family.oracle.greedy(hf_ids, imgs, NEW_TOKENS)
-    req = request(sent_ids, mm=mm, temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    case = _case(family.oracle, name)
+    reference, gaps = family.oracle.greedy(case.hf_ids, case.images, NEW_TOKENS, case.videos)
+    req = _request(case, case.sent_ids, temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
     [done] = [r.complete async for r in family.stub.Generate(req)]
-    assert done.prompt_tokens == len(hf_ids)
+    assert done.prompt_tokens == len(case.hf_ids)
     ours = list(done.output_ids)
     parted = next((i for i, (a, b) in enumerate(zip(ours, reference)) if a != b), None)
     if parted is not None:
@@ -88,13 +134,13 @@ async def test_greedy_matches_hf_except_at_near_ties(family, name):
 
 @pytest.mark.parametrize("name", CASES)
 async def test_teacher_forced_logprobs_match_hf(family, name):
-    hf_ids, sent_ids, imgs, mm = _case(family.oracle, name)
-    reference, _ = family.oracle.greedy(hf_ids, imgs, NEW_TOKENS)
-    hf_lp = family.oracle.log_softmax(hf_ids + reference, imgs)
-    req = request(sent_ids + reference, mm=mm, temperature=0.0, max_tokens=1, prompt_logprobs=0)
+    case = _case(family.oracle, name)
+    reference, _ = family.oracle.greedy(case.hf_ids, case.images, NEW_TOKENS, case.videos)
+    hf_lp = family.oracle.log_softmax(case.hf_ids + reference, case.images, case.videos)
+    req = _request(case, case.sent_ids + reference, temperature=0.0, max_tokens=1, prompt_logprobs=0)
     [done] = [r.complete async for r in family.stub.Generate(req)]
-    assert list(done.input_logprobs.token_ids) == hf_ids + reference
-    n = len(hf_ids)
+    assert list(done.input_logprobs.token_ids) == case.hf_ids + reference
+    n = len(case.hf_ids)
     worst = max(abs(done.input_logprobs.token_logprobs[n + k].value - float(hf_lp[n + k - 1, t]))
                 for k, t in enumerate(reference))
     print(f"{family.name}/{name}: max |logprob - HF| over {len(reference)} tokens = {worst:.2e}")
@@ -106,7 +152,7 @@ async def test_info_names_the_family(family):
     server = await family.stub.GetServerInfo(pb.GetServerInfoRequest())
     assert info.model_type == family.name and info.supports_vision
     assert list(info.architectures) == [type(family.oracle.model).__name__]
-    assert "image=8" in server.mm_item_limits
+    assert server.mm_item_limits == "image=8,video=2"
 
 
 async def test_patches_of_another_family_are_refused(family):
@@ -114,7 +160,7 @@ async def test_patches_of_another_family_are_refused(family):
     imgs = family.oracle.images([image(112, 112, seed=24)])
     width = imgs.raw.shape[1]
     wrong = torch.zeros(imgs.raw.shape[0], 1176 if width == 1536 else 1536, dtype=torch.uint8)
-    ids = family.oracle.chat_ids("Describe the image.", 1)
+    ids, _ = family.oracle.prompt("Describe the image.", [family.oracle.image_block()])
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await family.stub.Generate(request(ids, mm=mm_inputs(wrong, imgs.grid), max_tokens=1)).read()
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -1,14 +1,17 @@
 """Identities and pad values: deterministic, in-vocabulary, image-specific."""
 
+from types import SimpleNamespace
+
 import torch
 
-from engine_adapter.types import ImageInput
+from engine_adapter.types import MediaItem
 from servicer.identity import image_identity, pad_values
 from servicer.image_store import ImageStore
 from servicer.multimodal import ImagePolicy, engine_prompt_ids
 from servicer.shm import ConsumedSegments
 
 CANDIDATES = tuple(range(10, 400))
+INFO = SimpleNamespace(video_frames_layout=False)  # the one ModelInfo field pad values read
 
 
 def test_identity_depends_on_bytes_dtype_shape_and_grid():
@@ -32,14 +35,14 @@ def test_pad_values_are_deterministic_in_vocab_and_vary():
 
 
 def _image(identity, offset, length, is_embed=None):
-    return ImageInput(torch.zeros(1), (1, 2, 2), identity, offset, length, is_embed)
+    return MediaItem(torch.zeros(1), (1, 2, 2), identity, offset, length, is_embed)
 
 
 def test_engine_ids_replace_only_embedding_positions():
     policy = ImagePolicy(trust_gateway_hashes=False, pad_values=True, pad_candidates=CANDIDATES, store=ImageStore(0), consumed=ConsumedSegments())
     ids = [1, 2, 9, 9, 9, 3, 9, 9, 4]
-    out = engine_prompt_ids(ids, [_image("x", 2, 3), _image("y", 5, 3, (False, True, True))], policy)
+    out = engine_prompt_ids(ids, [_image("x", 2, 3), _image("y", 5, 3, (False, True, True))], policy, INFO)
     assert out[:2] == [1, 2] and out[5] == 3 and out[8] == 4
     assert out[2:5] == pad_values("x", 3, CANDIDATES) and out[6:8] == pad_values("y", 2, CANDIDATES)
     off = ImagePolicy(trust_gateway_hashes=False, pad_values=False, pad_candidates=CANDIDATES, store=ImageStore(0), consumed=ConsumedSegments())
-    assert engine_prompt_ids(ids, [_image("x", 2, 3)], off) == ids
+    assert engine_prompt_ids(ids, [_image("x", 2, 3)], off, INFO) == ids

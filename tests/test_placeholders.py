@@ -1,36 +1,54 @@
-"""Placeholder placement: given ranges, expanded runs, and one placeholder per image."""
+"""Placeholder placement: given ranges, expanded runs, one placeholder per item, two modalities."""
 
 import pytest
 
 from servicer.errors import InvalidArgument
-from servicer.placeholders import Placement, place_images
+from servicer.placeholders import Placement, expanded, place_items, shifted
 
 PAD, VS, VE = 9, 7, 8
 
 
 def test_one_placeholder_per_image_is_expanded_to_grid_counts():
     ids = [1, VS, PAD, VE, 2, VS, PAD, VE, 3]
-    out, places = place_images(ids, PAD, [4, 2], [])
-    assert out == [1, VS, PAD, PAD, PAD, PAD, VE, 2, VS, PAD, PAD, VE, 3]
-    assert places == [Placement(2, 4, None), Placement(9, 2, None)]
+    places, inserts = place_items(ids, PAD, [4, 2], [])
+    assert expanded(ids, inserts) == [1, VS, PAD, PAD, PAD, PAD, VE, 2, VS, PAD, PAD, VE, 3]
+    assert places == [Placement(2, 4, None), Placement(6, 2, None)]  # as sent
+    assert inserts == [(2, 3), (6, 1)] and [shifted(p.offset, inserts) for p in places] == [2, 9]
 
 
 def test_expanded_runs_without_ranges_are_found():
     ids = [1, VS, PAD, PAD, PAD, VE, VS, PAD, PAD, VE]
-    out, places = place_images(ids, PAD, [3, 2], [])
-    assert out == ids
+    places, inserts = place_items(ids, PAD, [3, 2], [])
+    assert inserts == []
     assert places == [Placement(2, 3, None), Placement(7, 2, None)]
 
 
 def test_given_ranges_are_kept_and_structural_tokens_masked():
     ids = [1, VS, PAD, PAD, VE, 2]
-    _, exact = place_images(ids, PAD, [2], [(2, 2)])
+    exact, _ = place_items(ids, PAD, [2], [(2, 2)])
     assert exact == [Placement(2, 2, None)]
-    _, wide = place_images(ids, PAD, [2], [(1, 4)])
+    wide, _ = place_items(ids, PAD, [2], [(1, 4)])
     assert wide == [Placement(2, 2, None)]  # narrowed to the pad run (M-RoPE keys on the offset)
+    kept, _ = place_items(ids, PAD, [2], [(1, 4)], narrow=False)
+    assert kept == [Placement(1, 4, (False, True, True, False))]  # Qwen3-VL video: markers stay in range
     split = [1, VS, PAD, 5, PAD, VE]
-    _, masked = place_images(split, PAD, [2], [(1, 5)])
+    masked, _ = place_items(split, PAD, [2], [(1, 5)])
     assert masked == [Placement(1, 5, (False, True, False, True, False))]
+
+
+def test_two_modalities_are_placed_on_the_ids_as_sent_then_shifted_together():
+    VID = 6
+    ids = [1, VID, 2, PAD, 3, PAD]
+    images, image_inserts = place_items(ids, PAD, [2, 1], [])
+    videos, video_inserts = place_items(ids, VID, [3], [], what="video")
+    inserts = image_inserts + video_inserts
+    assert expanded(ids, inserts) == [1, VID, VID, VID, 2, PAD, PAD, 3, PAD]
+    assert [shifted(p.offset, inserts) for p in videos + images] == [1, 5, 8]
+
+
+def test_layouts_only_the_gateway_can_write_are_not_expanded():
+    with pytest.raises(InvalidArgument, match="per-frame timestamps"):
+        place_items([1, PAD, 2], PAD, [4], [], expand=False, what="video")
 
 
 @pytest.mark.parametrize(
@@ -46,4 +64,4 @@ def test_given_ranges_are_kept_and_structural_tokens_masked():
 )
 def test_mismatches_name_both_numbers(ids, expected, ranges, message):
     with pytest.raises(InvalidArgument, match=message):
-        place_images(ids, PAD, expected, ranges)
+        place_items(ids, PAD, expected, ranges)

@@ -14,7 +14,8 @@ import pathlib
 import torch
 from transformers import (
     Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig, Qwen2VLForConditionalGeneration,
-    Qwen2VLImageProcessorPil, Qwen3VLConfig, Qwen3VLForConditionalGeneration,
+    Qwen2VLImageProcessorPil, Qwen2VLVideoProcessor, Qwen3VLConfig, Qwen3VLForConditionalGeneration,
+    Qwen3VLVideoProcessor,
 )
 
 from tinyvlm.tokenizer import build_tokenizer
@@ -62,12 +63,15 @@ def build_image_processor(patch_size: int = 14, mean_std: float | None = None) -
     )
 
 
-def write_checkpoint(out: pathlib.Path, model, tokenizer, image_processor, recipe: str) -> pathlib.Path:
+def write_checkpoint(out: pathlib.Path, model, tokenizer, image_processor, recipe: str,
+                     video_processor=None) -> pathlib.Path:
     """Save a float32 checkpoint plus the extras SMG needs; shared by the random and trained builds."""
     out.mkdir(parents=True, exist_ok=True)
     model.to(torch.float32).save_pretrained(out)
     tokenizer.save_pretrained(out)
     image_processor.save_pretrained(out)
+    if video_processor is not None:  # video_preprocessor_config.json (vLLM profiles a video at start)
+        video_processor.save_pretrained(out)
     # SMG reads these two from config.json to find the pad token it expands `<image>` into.
     raw = json.loads((out / "config.json").read_text())
     raw["vision_token_id"] = model.config.image_token_id
@@ -124,7 +128,10 @@ def build_qwen2_5_vl(out: pathlib.Path) -> pathlib.Path:
     config.architectures = ["Qwen2_5_VLForConditionalGeneration"]
     torch.manual_seed(SEED)
     model = Qwen2_5_VLForConditionalGeneration(config).to(torch.float32).eval()
-    return write_checkpoint(out, model, tokenizer, build_image_processor(), "qwen2.5-vl-random-1")
+    # Frames of 56x56 .. ~448x448 pixels (each frame's pixels, as for images).
+    video = Qwen2VLVideoProcessor(size={"shortest_edge": 4 * 28 * 28, "longest_edge": 256 * 28 * 28},
+                                  patch_size=14, temporal_patch_size=2, merge_size=2)
+    return write_checkpoint(out, model, tokenizer, build_image_processor(), "qwen2.5-vl-random-2", video)
 
 
 def build_qwen3_vl(out: pathlib.Path) -> pathlib.Path:
@@ -145,7 +152,11 @@ def build_qwen3_vl(out: pathlib.Path) -> pathlib.Path:
     config.architectures = ["Qwen3VLForConditionalGeneration"]
     torch.manual_seed(SEED)
     model = Qwen3VLForConditionalGeneration(config).to(torch.float32).eval()
-    return write_checkpoint(out, model, tokenizer, build_image_processor(patch_size=16, mean_std=0.5), "qwen3-vl-random-1")
+    # Qwen3-VL's video size bounds count all frames' pixels (t*h*w); fps 2 is what SMG reads.
+    video = Qwen3VLVideoProcessor(size={"shortest_edge": 8 * 32 * 32, "longest_edge": 1024 * 32 * 32},
+                                  patch_size=16, temporal_patch_size=2, merge_size=2, fps=2, do_sample_frames=False)
+    return write_checkpoint(out, model, tokenizer, build_image_processor(patch_size=16, mean_std=0.5),
+                            "qwen3-vl-random-2", video)
 
 
 # family -> (builder, default folder); the folder names carry what SMG matches on.

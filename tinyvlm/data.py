@@ -47,9 +47,9 @@ ANSWER_WORDS = [*COLOURS, *SHAPES]
 # Small images on purpose: a shape that spans only a few 14-pixel patches shows a corner,
 # a curve or a spike in each of them, which a tiny ViT learns in minutes; the same shape
 # drawn 112 pixels wide is mostly flat interior per patch and takes far longer to learn.
-SIZES: dict[tuple[int, int], float] = {(56, 56): 0.5, (56, 84): 0.25, (84, 56): 0.25}
+SIZES: dict[tuple[int, int], float] = {(56, 56): 0.7, (56, 84): 0.15, (84, 56): 0.15}
 # The shape's radius as a fraction of the image's shorter side: it fills much of the picture.
-RADIUS = (0.34, 0.45)
+RADIUS = (0.36, 0.45)
 # Rotation range (radians, either way) per shape; a star looks the same every 72 degrees.
 SPIN = {"circle": 0.0, "square": 0.3, "triangle": 0.3, "star": math.pi, "cross": 0.3}
 
