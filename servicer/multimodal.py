@@ -83,19 +83,18 @@ def _seconds_per_grid(mm: pb.MultimodalInputs, kind: Modality, where: str, count
 
 
 def _check_layout_keys(mm: pb.MultimodalInputs, kind: Modality, where: str, count: int) -> None:
-    known = {"pixel_values", *mm.model_specific_tensors}
+    known = set(mm.model_specific_tensors)
     allowed = {kind.grid_key, *kind.time_keys, *mm.flat_keys.values()}
     extra = sorted(set(mm.model_specific_tensors) - allowed)
     if extra:
         raise InvalidArgument(
             f"{where}.model_specific_tensors: unexpected {extra} for a {kind.name} batch "
             f"(expected {kind.grid_key}{', ' + ' or '.join(kind.time_keys) if kind.time_keys else ''} and flat_keys sizes)")
-    for key in list(mm.batched_keys) + list(mm.keep_on_cpu_keys):
-        if key not in known:
-            raise InvalidArgument(f"{where}: layout key '{key}' names no tensor in this batch")
-    for key in mm.batched_keys:
-        if key == "pixel_values":
-            raise InvalidArgument(f"{where}.batched_keys: pixel_values is flat (rows per {kind.name}), not batched")
+    # Layout keys may name tensors this batch lacks (SMG lists its family's keys for images and
+    # videos alike); only the tensors present are checked.
+    if "pixel_values" in mm.batched_keys:
+        raise InvalidArgument(f"{where}.batched_keys: pixel_values is flat (rows per {kind.name}), not batched")
+    for key in (k for k in mm.batched_keys if k in known):
         first = mm.model_specific_tensors[key].shape[:1]
         if list(first) != [count]:
             raise InvalidArgument(f"{where}.batched_keys: '{key}' first dimension {list(first)} != {count} {kind.name}s")

@@ -2,13 +2,14 @@
 
 import contextlib
 import os
+from dataclasses import dataclass, field
 
 import grpc
 import pytest
 import pytest_asyncio
 
 from tests.fixtures import ENGINE_ARGS, MODEL, SHAPES_MODEL
-from vlm_proto import vllm_engine_pb2_grpc as pb_grpc
+from vlm_proto import vllm_engine_pb2 as pb, vllm_engine_pb2_grpc as pb_grpc
 
 # vLLM's worker processes must not fork a process that already runs gRPC threads.
 os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
@@ -119,3 +120,36 @@ async def trust_stub(engine):
     """A second server on the same engine, trusting the gateway's mm_hashes (--mm-hash-policy trust)."""
     async with extra_server(engine, mm_hash_policy="trust") as (_, stub):
         yield stub
+
+
+@dataclass
+class Capture:
+    """What reached our servicer: each GenerateRequest and, in order, the ids each non-streamed answer carried."""
+
+    requests: list[pb.GenerateRequest] = field(default_factory=list)
+    outputs: list[list[int]] = field(default_factory=list)
+
+
+@pytest.fixture
+def capture(monkeypatch):
+    """Record Generate's input and output by wrapping the request decoder and the accumulator."""
+    import servicer.handlers as handlers
+
+    cap = Capture()
+    decode = handlers.RequestDecoder.decode
+
+    def recording_decode(self, request, *args):
+        copy = pb.GenerateRequest()
+        copy.CopyFrom(request)
+        cap.requests.append(copy)
+        return decode(self, request, *args)
+
+    class RecordingAccumulator(handlers.Accumulator):
+        def completes(self):
+            for response in super().completes():
+                cap.outputs.append(list(response.complete.output_ids))
+                yield response
+
+    monkeypatch.setattr(handlers.RequestDecoder, "decode", recording_decode)
+    monkeypatch.setattr(handlers, "Accumulator", RecordingAccumulator)
+    return cap

@@ -22,6 +22,7 @@ import pytest
 import pytest_asyncio
 import torch
 
+from servicer.tensors import decode_tensor
 from tests.conftest import _channel, _serve, _start_engine
 from tests.fixtures import FAMILY_ENGINE_ARGS, FAMILY_MODELS, image, mm_inputs, request, tensor, video_inputs
 from tests.oracle import Images, Oracle, Videos
@@ -38,6 +39,8 @@ class Family:
     name: str
     stub: pb_grpc.VllmEngineStub
     oracle: Oracle
+    server: object  # servicer.server.Server, for the gateway
+    path: str
 
 
 @pytest_asyncio.fixture(scope="module", params=list(FAMILY_MODELS))
@@ -49,7 +52,7 @@ async def family(request):
     engine = await _start_engine(path, FAMILY_ENGINE_ARGS)
     try:
         async with _serve(engine, path) as server, _channel(server.port) as channel:
-            yield Family(request.param, pb_grpc.VllmEngineStub(channel), Oracle(path))
+            yield Family(request.param, pb_grpc.VllmEngineStub(channel), Oracle(path), server, str(path))
     finally:
         engine.shutdown()
 
@@ -96,7 +99,7 @@ def _case(oracle: Oracle, name: str) -> Case:
         mm.model_specific_tensors["patches_per_image"].CopyFrom(tensor(imgs.grid.prod(-1)))
         return Case(ids, ids, imgs, batches=(mm,))
     if name == "video":
-        vids = oracle.videos([_clip(30)])
+        vids = oracle.videos([_clip(30)], fps=4.0)  # 0.5 s per grid step, not vLLM's default of 1
         block = oracle.video_block(vids, 0)
         ids, [start] = oracle.prompt("What happens in the video?", [block])
         sent = ids if qwen3 else oracle.prompt("What happens in the video?", [oracle.video_block(vids, 0, expanded=False)])[0]
@@ -165,3 +168,25 @@ async def test_patches_of_another_family_are_refused(family):
         await family.stub.Generate(request(ids, mm=mm_inputs(wrong, imgs.grid), max_tokens=1)).read()
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "mm_inputs.pixel_values" in err.value.details() and str(width) in err.value.details()
+
+
+@pytest.mark.gateway
+async def test_image_chat_completion_through_smg(family, tmp_path_factory, capture):
+    """The real SMG gateway recognises the family from the checkpoint and serves an image chat
+    completion through us: HTTP 200, the ids and grid SMG sent are HF's, and the answer is HF greedy."""
+    gateway = pytest.importorskip("tests.test_gateway")
+    pil = [image(112, 112, seed=51)]
+    async for gw in gateway._launch(family.server, family.path, tmp_path_factory, "inline"):
+        with gw.dump_log_on_failure():
+            status, answer = await gw.chat(gateway._chat_body(gw.model, "Describe the image.", pil))
+            assert status == 200, f"HTTP {status}: {answer}"
+            [sent], [served] = capture.requests, capture.outputs
+            imgs = family.oracle.images(pil)
+            ids, _ = family.oracle.prompt("Describe the image.", [family.oracle.image_block(imgs.tokens_per_image[0])])
+            assert list(sent.tokenized.input_ids) == ids
+            grid = decode_tensor("grid", sent.mm_inputs.model_specific_tensors["image_grid_thw"]).to(torch.int64)
+            assert torch.equal(grid, imgs.grid)
+            reference, gaps = family.oracle.greedy(ids, imgs, gateway.MAX_TOKENS)
+            print(f"\n{family.name} via SMG: {len(ids)} ids, served {served}, text {answer['choices'][0]['message']['content']!r}")
+            parted = next((i for i, (a, b) in enumerate(zip(served, reference)) if a != b), None)
+            assert parted is None or gaps[parted] < TIE_GAP, (parted, served, reference)

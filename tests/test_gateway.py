@@ -25,12 +25,11 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pytest
 import torch
 
-import servicer.handlers as handlers
 from servicer.tensors import decode_tensor
 from tests.fixtures import image
 from tests.oracle import Oracle  # the `oracle` fixture itself is conftest's (session)
@@ -170,37 +169,6 @@ async def _launch(server, model_path, tmp_path_factory, transport: str):
         yield gw
     finally:
         await _stop(proc)
-
-
-@dataclass
-class Capture:
-    """What reached our servicer: each GenerateRequest and, in order, the ids each non-streamed answer carried."""
-
-    requests: list[pb.GenerateRequest] = field(default_factory=list)
-    outputs: list[list[int]] = field(default_factory=list)
-
-
-@pytest.fixture
-def capture(monkeypatch):
-    """Record Generate's input and output by wrapping the request decoder and the accumulator."""
-    cap = Capture()
-    decode = handlers.RequestDecoder.decode
-
-    def recording_decode(self, request, *args):
-        copy = pb.GenerateRequest()
-        copy.CopyFrom(request)
-        cap.requests.append(copy)
-        return decode(self, request, *args)
-
-    class RecordingAccumulator(handlers.Accumulator):
-        def completes(self):
-            for response in super().completes():
-                cap.outputs.append(list(response.complete.output_ids))
-                yield response
-
-    monkeypatch.setattr(handlers.RequestDecoder, "decode", recording_decode)
-    monkeypatch.setattr(handlers, "Accumulator", RecordingAccumulator)
-    return cap
 
 
 def _data_url(img) -> str:
