@@ -11,7 +11,8 @@ from vlm_proto import common_pb2, vllm_engine_pb2 as pb
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MODEL = ROOT / "models" / "tiny-qwen2-vl"  # random weights, built on first use: the mechanics tests
 SHAPES_MODEL = ROOT / "models" / "tiny-qwen2-vl-shapes"  # trained, committed: tests of what the model sees
-FAMILY_MODELS = {  # random weights per further family, built on first use (tinyvlm.build --family)
+FAMILY_MODELS = {  # random weights per family, with video, built on first use (tinyvlm.build --family)
+    "qwen2_vl": MODEL,
     "qwen2_5_vl": ROOT / "models" / "tiny-qwen2.5-vl",
     "qwen3_vl": ROOT / "models" / "tiny-qwen3-vl",
 }

@@ -23,7 +23,7 @@ async def test_two_ranks_share_images_published_once(servicer_process, oracle): 
     open(stale, "wb").close()
     proc = await asyncio.to_thread(
         servicer_process, "--tensor-parallel-size", "2", "--mm-processor-cache-type", "shm",
-        "--mm-shm-gb", "0.001",  # 1 MiB: two 112x112 images fit, one 336x336 (2.7 MB) does not
+        "--mm-shm-gb", "0.001",  # 1 MiB: two 112x112 uint8 images fit, one 336x336 in float32 (2.7 MB) does not
         env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"},  # one core per rank on this 2-core machine
     )
     assert not os.path.exists(stale), "the dead servicer's ring was not swept"
@@ -35,7 +35,7 @@ async def test_two_ranks_share_images_published_once(servicer_process, oracle): 
         stub = pb_grpc.VllmEngineStub(channel)
         ids = oracle.chat_ids("Describe the image.", 1, big.tokens_per_image)
         with pytest.raises(grpc.aio.AioRpcError) as refused:
-            [r async for r in stub.Generate(request(ids, mm=mm_inputs(big.raw, big.grid), max_tokens=1))]
+            [r async for r in stub.Generate(request(ids, mm=mm_inputs(big.pixel_values, big.grid), max_tokens=1))]
         assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "--mm-shm-gb" in refused.value.details()
         for imgs in (a, b, a):

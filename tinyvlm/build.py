@@ -23,7 +23,7 @@ from tinyvlm.tokenizer import build_tokenizer
 VOCAB_SIZE = 1024
 SEED = 1234
 # Bump when anything below changes, so `make` rebuilds stale checkpoints.
-RECIPE_VERSION = "qwen2-vl-random-1"
+RECIPE_VERSION = "qwen2-vl-random-2"
 
 
 def build_config(tokenizer, text: dict | None = None, vision: dict | None = None) -> Qwen2VLConfig:
@@ -91,7 +91,13 @@ def build(out: pathlib.Path) -> pathlib.Path:
     config = build_config(tokenizer)
     torch.manual_seed(SEED)
     model = Qwen2VLForConditionalGeneration(config).to(torch.float32).eval()
-    return write_checkpoint(out, model, tokenizer, build_image_processor(), RECIPE_VERSION)
+    return write_checkpoint(out, model, tokenizer, build_image_processor(), RECIPE_VERSION, _video_processor_14())
+
+
+def _video_processor_14() -> Qwen2VLVideoProcessor:
+    """Qwen2-VL's and Qwen2.5-VL's: frames of 56x56 .. ~448x448 pixels (each frame's pixels, as for images)."""
+    return Qwen2VLVideoProcessor(size={"shortest_edge": 4 * 28 * 28, "longest_edge": 256 * 28 * 28},
+                                 patch_size=14, temporal_patch_size=2, merge_size=2)
 
 
 def _text_config(tokenizer, **overrides) -> dict:
@@ -128,10 +134,7 @@ def build_qwen2_5_vl(out: pathlib.Path) -> pathlib.Path:
     config.architectures = ["Qwen2_5_VLForConditionalGeneration"]
     torch.manual_seed(SEED)
     model = Qwen2_5_VLForConditionalGeneration(config).to(torch.float32).eval()
-    # Frames of 56x56 .. ~448x448 pixels (each frame's pixels, as for images).
-    video = Qwen2VLVideoProcessor(size={"shortest_edge": 4 * 28 * 28, "longest_edge": 256 * 28 * 28},
-                                  patch_size=14, temporal_patch_size=2, merge_size=2)
-    return write_checkpoint(out, model, tokenizer, build_image_processor(), "qwen2.5-vl-random-2", video)
+    return write_checkpoint(out, model, tokenizer, build_image_processor(), "qwen2.5-vl-random-2", _video_processor_14())
 
 
 def build_qwen3_vl(out: pathlib.Path) -> pathlib.Path:
