@@ -151,6 +151,10 @@ class RequestDecoder:
             media, inserts = media + items, inserts + added
         ids = expanded(ids, inserts)
         media = sorted((dataclasses.replace(m, offset=shifted(m.offset, inserts)) for m in media), key=lambda m: m.offset)
+        for a, b in zip(media, media[1:]):  # within a batch ranges are already checked; across batches here
+            if a.offset + a.length > b.offset:
+                raise InvalidArgument(f"mm_inputs.mm_placeholders: the {a.modality} at {a.offset} (length {a.length}) "
+                                      f"overlaps the {b.modality} at {b.offset}")
         _check_length(ids, self.info)
         sampling = sampling_options(request.sampling_params, len(ids), self.info, self.max_n)
         engine_ids = engine_prompt_ids(ids, media, self.images, self.info)

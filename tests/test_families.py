@@ -214,3 +214,15 @@ async def test_videos_are_cached_by_identity(family):
     again, other = await send(60), await send(61)
     assert again.cached_tokens >= BLOCK
     assert other.cached_tokens == 0
+
+
+async def test_an_image_range_over_a_video_is_refused(family):
+    case = _case(family.oracle, "video_then_image")
+    image_batch = pb.MultimodalInputs()
+    image_batch.CopyFrom(case.batches[0])
+    video_start = case.sent_ids.index(family.oracle.vs)
+    image_batch.mm_placeholders.append(pb.PlaceholderRange(offset=video_start, length=case.images.tokens_per_image[0]))
+    req = _request(dataclasses.replace(case, batches=(image_batch, *case.batches[1:])), case.sent_ids, max_tokens=1)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await family.stub.Generate(req).read()
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
