@@ -72,7 +72,8 @@ class Engine:
         self._norm = pixel_norm(llm.vllm_config)
         self._mm_processor = llm.renderer.get_mm_processor() if self.info.supports_vision else None
         self.version = vllm.__version__
-        self.ordinary_token_ids = ordinary_token_ids(llm.get_tokenizer(), self.info.vocab_size)
+        self._tokenizer = llm.get_tokenizer()
+        self.ordinary_token_ids = ordinary_token_ids(self._tokenizer, self.info.vocab_size)
         mm_config = llm.vllm_config.model_config.multimodal_config
         # With vLLM's shared-memory processor cache, each image is written once per identity
         # into a ring every rank maps, and requests carry only its address.
@@ -89,6 +90,11 @@ class Engine:
             logger.info("multimodal items shared with the engine's ranks through shared memory ring %s", claim_ring_name())
         llm = AsyncLLM.from_engine_args(args, stat_loggers=[lambda config, index=0: _StatsRecorder(stats)])
         return cls(llm, stats)
+
+    def stamp_ids(self, seconds: float) -> tuple[int, ...]:
+        """A Qwen3-VL frame's timestamp as its processor writes it, encoded on its own (vLLM's
+        `_get_video_repl` does the same, so stamps never merge with neighbouring text)."""
+        return tuple(self._tokenizer.encode(f"<{seconds:.1f} seconds>", add_special_tokens=False))
 
     def prepare_pixels(self, pixels):
         """Pixels as the vision tower takes them (CPU-bound: call off the event loop)."""

@@ -45,6 +45,8 @@ def model_info(config: VllmConfig) -> ModelInfo:
         video_token_id=getattr(hf, "video_token_id", None),
         # Qwen3-VL's M-RoPE finds each frame's <|vision_start|> from the range's offset.
         video_frames_layout=hf.model_type.startswith("qwen3"),
+        vision_start_token_id=getattr(hf, "vision_start_token_id", None),
+        vision_end_token_id=getattr(hf, "vision_end_token_id", None),
         spatial_merge_size=getattr(vision, "spatial_merge_size", 1) if vision is not None else 1,
         patch_dim=_patch_dim(vision),
         supports_vision=model.is_multimodal_model,

@@ -106,6 +106,8 @@ class ModelInfo:
     image_token_id: int | None
     video_token_id: int | None
     video_frames_layout: bool  # a video is per-frame blocks (timestamp, start, pads, end): Qwen3-VL
+    vision_start_token_id: int | None
+    vision_end_token_id: int | None
     spatial_merge_size: int
     patch_dim: int  # values per pixel-patch row: channels * temporal_patch * patch^2
     supports_vision: bool

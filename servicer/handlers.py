@@ -93,7 +93,7 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
             unlink_shm=not config.mm_shm_keep,
         )
         self.shm_namespace_id = shm.namespace_id()
-        self.decoder = RequestDecoder(engine.info, config.max_n, engine.prepare_pixels, policy)
+        self.decoder = RequestDecoder(engine.info, config.max_n, engine.prepare_pixels, policy, engine.stamp_ids)
         metrics.bind(lambda: len(self.in_flight), lambda: engine.stats.prefix_cache_hit_rate, self.image_store)
 
     def close(self) -> None:

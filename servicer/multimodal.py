@@ -8,7 +8,7 @@ config already does so for grids). A batch's pixels always arrive as `pixel_valu
 Blocking work (decode, hash, cast): run it off the event loop.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +17,7 @@ from engine_adapter.types import MediaItem, ModelInfo
 from servicer.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from servicer.identity import image_identity, pad_values
 from servicer.image_store import ImageStore, StoredImage
-from servicer.placeholders import place_items
+from servicer.placeholders import frame_layout, place_items
 from servicer.shm import ConsumedSegments
 from servicer.tensors import SegmentGone, decode_tensor
 from vlm_proto import common_pb2, vllm_engine_pb2 as pb
@@ -213,6 +213,18 @@ def _with_hashes(mm: pb.MultimodalInputs, hashes: list[str]) -> pb.MultimodalInp
     return copy
 
 
+def _frames(grid: tuple, seconds: float | None, merge: int, pad_id: int, info: ModelInfo, where: str,
+            stamp_ids: Callable[[float], Sequence[int]]) -> list[int]:
+    """What one Qwen3-VL video placeholder stands for; its timestamps need the video's time step."""
+    if seconds is None:
+        raise InvalidArgument(
+            f"{where}.model_specific_tensors: a video sent as one placeholder needs 'video_second_per_grid' "
+            "(or 'second_per_grid_ts') for its frame timestamps, or send its expanded layout with mm_placeholders")
+    t, h, w = grid
+    return frame_layout(t, h * w // (merge * merge), seconds, pad_id, info.vision_start_token_id,
+                        info.vision_end_token_id, stamp_ids)
+
+
 def decode_media(
     mm: pb.MultimodalInputs,
     where: str,
@@ -220,7 +232,8 @@ def decode_media(
     info: ModelInfo,
     prepare_pixels: Callable[[torch.Tensor], torch.Tensor],
     policy: ImagePolicy,
-) -> tuple[list[MediaItem], list[tuple[int, int]]]:
+    stamp_ids: Callable[[float], Sequence[int]],
+) -> tuple[list[MediaItem], list[tuple[int, tuple[int, ...]]]]:
     """Validate one image or video batch (`where` names it in errors) against the ids as sent.
 
     Returns the items in prompt order, placed in the ids as sent, and the insertions
@@ -250,11 +263,12 @@ def decode_media(
     pixels, gone = _pixels(mm, where, policy)
     raw, ready = _split(pixels, sent_rows, info.patch_dim, kind, where, prepare_pixels)
     merge = info.spatial_merge_size
+    grids = [tuple(thw) for thw in grid.tolist()]
     frames = kind is VIDEO and info.video_frames_layout
     placements, inserts = place_items(
         prompt_ids, pad_id, [r // (merge * merge) for r in rows], [(p.offset, p.length) for p in mm.mm_placeholders],
-        narrow=not frames, expand=not frames, what=kind.name)
-    grids = [tuple(thw) for thw in grid.tolist()]
+        narrow=not frames, what=kind.name,
+        layout=(lambda i: _frames(grids[i], seconds[i], merge, pad_id, info, where, stamp_ids)) if frames else None)
     if gone is not None:  # a retry naming a segment we consumed: its items become references
         mm = _with_hashes(mm, _retried_identities(mm, where, sent_rows, policy))
     identities = _identities(mm, kind, where, raw, grids, seconds, policy.trust_gateway_hashes)

@@ -8,6 +8,7 @@ Gateways send one of two forms:
     embeddings the item's grid implies (t*h*w / merge^2).
 """
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from servicer.errors import InvalidArgument
@@ -68,44 +69,57 @@ def _runs(ids: list[int], pad_id: int) -> list[tuple[int, int]]:
 
 def place_items(
     ids: list[int], pad_id: int, expected: list[int], ranges: list[tuple[int, int]], *,
-    narrow: bool = True, expand: bool = True, what: str = "image",
-) -> tuple[list[Placement], list[tuple[int, int]]]:
+    narrow: bool = True, what: str = "image", layout: Callable[[int], Sequence[int]] | None = None,
+) -> tuple[list[Placement], list[tuple[int, tuple[int, ...]]]]:
     """One placement per item, in the coordinates of `ids` as sent, and the insertions
-    (position, tokens added) that expanding one-per-item placeholders needs (`expanded` applies them).
+    (position, tokens replacing the placeholder there) that one-per-item placeholders need
+    (`expanded` applies them).
 
     `narrow=False` keeps a range that covers structural tokens as sent (Qwen3-VL video: the
-    engine finds each frame's markers from the range's start); `expand=False` refuses the
-    one-per-item form (a layout only the gateway can write, such as per-frame timestamps).
+    engine finds each frame's markers from the range's start). `layout(i)`, when given, is what
+    item i's single placeholder stands for (Qwen3-VL video: timestamps and markers per frame);
+    otherwise it is the item's count of pad tokens.
     """
     if ranges:
         if len(ranges) != len(expected):
             raise InvalidArgument(f"mm_inputs.mm_placeholders: {len(ranges)} ranges for {len(expected)} {what}s")
         return _from_ranges(ids, pad_id, ranges, expected, narrow), []
     runs = _runs(ids, pad_id)
-    if [length for _, length in runs] == expected:  # already expanded
+    if layout is None and [length for _, length in runs] == expected:  # already expanded
         return [Placement(offset, length, None) for offset, length in runs], []
     num_pads = sum(length for _, length in runs)
     if num_pads == len(expected) and all(want >= 1 for want in expected):
-        if not expand:
-            raise InvalidArgument(
-                f"tokenized.input_ids: one placeholder per {what} cannot be expanded here (this model's {what}s "
-                "carry per-frame timestamps); send the expanded ids with mm_inputs.mm_placeholders")
         positions = [p for offset, length in runs for p in range(offset, offset + length)]
-        return ([Placement(pos, want, None) for pos, want in zip(positions, expected)],
-                [(pos, want - 1) for pos, want in zip(positions, expected) if want > 1])
+        placements, inserts = [], []
+        for i, (pos, want) in enumerate(zip(positions, expected)):
+            tokens = tuple(layout(i)) if layout else (pad_id,) * want
+            mask = tuple(t == pad_id for t in tokens)
+            placements.append(Placement(pos, len(tokens), None if all(mask) else mask))
+            inserts.append((pos, tokens))
+        return placements, inserts
     raise InvalidArgument(
         f"tokenized.input_ids: found {num_pads} {what} pad tokens (id {pad_id}) in {len(runs)} runs "
         f"{[length for _, length in runs]}, but {len(expected)} {what}s need either one placeholder each "
-        f"or runs of {expected} tokens"
+        f"or {'their expanded layout with mm_placeholders' if layout else f'runs of {expected} tokens'}"
     )
 
 
-def expanded(ids: list[int], inserts: list[tuple[int, int]]) -> list[int]:
-    """`ids` with the placeholder at each inserted position repeated to its full count."""
-    extra = dict(inserts)
-    return [t for i, tok in enumerate(ids) for t in [tok] * (1 + extra.get(i, 0))]
+def frame_layout(frames: int, tokens_per_frame: int, step_seconds: float, pad_id: int, start_id: int, end_id: int,
+                 stamp_ids: Callable[[float], Sequence[int]]) -> list[int]:
+    """Qwen3-VL's video: per temporal step `<t seconds>` <|vision_start|> pads <|vision_end|>, t the middle
+    of the step's two frames ((k + 1/4) steps), as its processor and vLLM's write it."""
+    out: list[int] = []
+    for k in range(frames):
+        out += [*stamp_ids((k + 0.25) * step_seconds), start_id, *[pad_id] * tokens_per_frame, end_id]
+    return out
 
 
-def shifted(offset: int, inserts: list[tuple[int, int]]) -> int:
+def expanded(ids: list[int], inserts: list[tuple[int, tuple[int, ...]]]) -> list[int]:
+    """`ids` with the placeholder at each inserted position replaced by its tokens."""
+    at = dict(inserts)
+    return [t for i, tok in enumerate(ids) for t in at.get(i, (tok,))]
+
+
+def shifted(offset: int, inserts: list[tuple[int, tuple[int, ...]]]) -> int:
     """A position in the ids as sent, moved past the tokens inserted before it."""
-    return offset + sum(n for pos, n in inserts if pos < offset)
+    return offset + sum(len(tokens) - 1 for pos, tokens in inserts if pos < offset)

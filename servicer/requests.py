@@ -1,7 +1,7 @@
 """GenerateRequest -> EngineRequest: every check a client can fail, each naming its field."""
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -134,6 +134,7 @@ class RequestDecoder:
     max_n: int
     prepare_pixels: Callable[[torch.Tensor], torch.Tensor]
     images: ImagePolicy
+    stamp_ids: Callable[[float], Sequence[int]]  # a Qwen3-VL frame timestamp's token ids
 
     def decode(self, request: pb.GenerateRequest, request_id: str) -> DecodedRequest:
         """Validate and convert; blocking (tensor decode, hashing, casts): call off the event loop."""
@@ -147,7 +148,7 @@ class RequestDecoder:
             raise InvalidArgument(f"mm_inputs: model {self.info.served_model_name} takes no images or videos")
         media, inserts = [], []
         for where, mm in batches:  # every batch placed on the ids as sent, then all expanded at once
-            items, added = decode_media(mm, where, ids, self.info, self.prepare_pixels, self.images)
+            items, added = decode_media(mm, where, ids, self.info, self.prepare_pixels, self.images, self.stamp_ids)
             media, inserts = media + items, inserts + added
         ids = expanded(ids, inserts)
         media = sorted((dataclasses.replace(m, offset=shifted(m.offset, inserts)) for m in media), key=lambda m: m.offset)

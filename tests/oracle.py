@@ -69,8 +69,10 @@ class Oracle:
         """Video i as the family's processor writes it. Qwen3-VL: per temporal step a timestamp,
         then <|vision_start|> pads <|vision_end|>, all inside the template's outer markers."""
         t, h, w = videos.grid[i].tolist()
+        if not expanded:
+            return [self.vs, self.video_pad, self.ve]
         if self.family != "qwen3_vl":
-            return [self.vs] + [self.video_pad] * (t * h * w // 4 if expanded else 1) + [self.ve]
+            return [self.vs] + [self.video_pad] * (t * h * w // 4) + [self.ve]
         step = float(videos.seconds_per_grid[i])
         block = [self.vs]
         for k in range(t):  # the middle of each step's frames, as HF's Qwen3VLProcessor stamps it

@@ -4,10 +4,9 @@ against Hugging Face.
 Per family (random tiny checkpoints from `tinyvlm.build --family`): text only, one image (one
 placeholder, raw uint8), two images of different sizes (expanded, float pixels, SMG's ranges
 and layout keys), one short video (4 frames; SMG's VIDEO batch: float `pixel_values`,
-`video_grid_thw`, `video_second_per_grid`), and a video then an image in one prompt
-(`mm_inputs` + `extra_mm_inputs`). Qwen2.5-VL videos are sent as one placeholder (we expand
-it); Qwen3-VL's per-frame layout (timestamps, markers) can only be written by the gateway,
-so it comes expanded with its range. The foundation's two-part oracle: teacher-forced logprobs
+`video_grid_thw`, `video_second_per_grid`) sent as one placeholder that the servicer expands
+with the family's layout (Qwen3-VL: per-frame timestamps and markers), and a video then an
+image in one prompt (`mm_inputs` + `extra_mm_inputs`; the video expanded, with its range). The foundation's two-part oracle: teacher-forced logprobs
 within 1e-3, and greedy tokens equal except where HF's own top-2 gap is a near-tie (< 1e-3:
 random weights). Also: GetModelInfo / GetServerInfo name the family and its limits, and a
 tensor set that does not fit the family is INVALID_ARGUMENT naming the tensor.
@@ -71,17 +70,17 @@ class Case:
     batches: tuple[pb.MultimodalInputs, ...] = ()  # mm_inputs, then extra_mm_inputs
 
 
-def _video(oracle: Oracle, videos: Videos, start: int, block: list[int]) -> pb.MultimodalInputs:
-    """Qwen3-VL: the range from frame 0's timestamp to the last frame's end marker (inside the
-    template's outer markers), pads named by im_token_id. Others: one placeholder we expand."""
-    if oracle.family != "qwen3_vl":
+def _video(oracle: Oracle, videos: Videos, start: int | None = None, block: list[int] | None = None) -> pb.MultimodalInputs:
+    """With `start`/`block`: the expanded form. Qwen3-VL's range runs from frame 0's timestamp to the
+    last frame's end marker (inside the template's outer markers), pads named by im_token_id.
+    Without: one placeholder, expanded by the servicer (Qwen3-VL: timestamps and markers too)."""
+    if start is None or oracle.family != "qwen3_vl":
         return video_inputs(videos)
     return video_inputs(videos, im_token_id=oracle.video_pad,
                         mm_placeholders=[pb.PlaceholderRange(offset=start + 1, length=len(block) - 2)])
 
 
 def _case(oracle: Oracle, name: str) -> Case:
-    qwen3 = oracle.family == "qwen3_vl"
     if name == "text":
         ids, _ = oracle.prompt("Describe the image.", [])
         return Case(ids, ids)
@@ -99,18 +98,16 @@ def _case(oracle: Oracle, name: str) -> Case:
                        flat_keys={"pixel_values": "patches_per_image"}, keep_on_cpu_keys=["image_grid_thw"])
         mm.model_specific_tensors["patches_per_image"].CopyFrom(tensor(imgs.grid.prod(-1)))
         return Case(ids, ids, imgs, batches=(mm,))
-    if name == "video":
+    if name == "video":  # one placeholder, expanded by the servicer with the family's own layout
         vids = oracle.videos([_clip(30)], fps=4.0)  # 0.5 s per grid step, not vLLM's default of 1
-        block = oracle.video_block(vids, 0)
-        ids, [start] = oracle.prompt("What happens in the video?", [block])
-        sent = ids if qwen3 else oracle.prompt("What happens in the video?", [oracle.video_block(vids, 0, expanded=False)])[0]
-        return Case(ids, sent, videos=vids, batches=(_video(oracle, vids, start, block),))
-    if name == "video_then_image":  # two batches: the image in mm_inputs, the video in extra_mm_inputs
+        ids, _ = oracle.prompt("What happens in the video?", [oracle.video_block(vids, 0)])
+        sent, _ = oracle.prompt("What happens in the video?", [oracle.video_block(vids, 0, expanded=False)])
+        return Case(ids, sent, videos=vids, batches=(_video(oracle, vids),))
+    if name == "video_then_image":  # the image in mm_inputs, the video (expanded, with its range) in extra_mm_inputs
         vids, imgs = oracle.videos([_clip(40, size=(112, 168))]), oracle.images([image(112, 112, seed=41)])
         vblock = oracle.video_block(vids, 0)
         ids, [start, _] = oracle.prompt("Compare.", [vblock, oracle.image_block(imgs.tokens_per_image[0])])
-        sent, _ = oracle.prompt("Compare.", [vblock if qwen3 else oracle.video_block(vids, 0, expanded=False),
-                                             oracle.image_block()])
+        sent, _ = oracle.prompt("Compare.", [vblock, oracle.image_block()])
         return Case(ids, sent, imgs, vids, (mm_inputs(imgs.raw, imgs.grid), _video(oracle, vids, start, vblock)))
     raise AssertionError(name)
 
@@ -205,8 +202,6 @@ async def test_videos_are_cached_by_identity(family):
         ids, [start] = family.oracle.prompt(text, [block])
         assert start + len(block) < BLOCK < len(ids) - 1, "the video must sit inside the first full block"
         case = Case(ids, ids, videos=vids, batches=(_video(family.oracle, vids, start, block),))
-        if family.name != "qwen3_vl":  # expanded runs, found without ranges
-            case.batches = (video_inputs(vids),)
         [done] = [r.complete async for r in family.stub.Generate(_request(case, ids, max_tokens=1))]
         return done
 

@@ -3,7 +3,7 @@
 import pytest
 
 from servicer.errors import InvalidArgument
-from servicer.placeholders import Placement, expanded, place_items, shifted
+from servicer.placeholders import Placement, expanded, frame_layout, place_items, shifted
 
 PAD, VS, VE = 9, 7, 8
 
@@ -13,7 +13,7 @@ def test_one_placeholder_per_image_is_expanded_to_grid_counts():
     places, inserts = place_items(ids, PAD, [4, 2], [])
     assert expanded(ids, inserts) == [1, VS, PAD, PAD, PAD, PAD, VE, 2, VS, PAD, PAD, VE, 3]
     assert places == [Placement(2, 4, None), Placement(6, 2, None)]  # as sent
-    assert inserts == [(2, 3), (6, 1)] and [shifted(p.offset, inserts) for p in places] == [2, 9]
+    assert inserts == [(2, (PAD,) * 4), (6, (PAD,) * 2)] and [shifted(p.offset, inserts) for p in places] == [2, 9]
 
 
 def test_expanded_runs_without_ranges_are_found():
@@ -46,22 +46,13 @@ def test_two_modalities_are_placed_on_the_ids_as_sent_then_shifted_together():
     assert [shifted(p.offset, inserts) for p in videos + images] == [1, 5, 8]
 
 
-def test_layouts_only_the_gateway_can_write_are_not_expanded():
-    with pytest.raises(InvalidArgument, match="per-frame timestamps"):
-        place_items([1, PAD, 2], PAD, [4], [], expand=False, what="video")
-
-
-@pytest.mark.parametrize(
-    "ids, expected, ranges, message",
-    [
-        ([1, PAD, 2], [1, 1], [], "2 images"),
-        ([1, PAD, PAD, PAD, 2], [4], [], r"runs of \[4\]"),
-        ([1, PAD, PAD], [2], [(1, 2), (0, 1)], "2 ranges for 1 images"),
-        ([1, PAD, PAD], [2], [(2, 2)], "outside the prompt"),
-        ([PAD, PAD, PAD, PAD], [2, 2], [(0, 2), (1, 2)], "overlaps"),
-        ([1, PAD, PAD, 2], [3], [(1, 2)], "implies 3 embeddings"),
-    ],
-)
-def test_mismatches_name_both_numbers(ids, expected, ranges, message):
-    with pytest.raises(InvalidArgument, match=message):
-        place_items(ids, PAD, expected, ranges)
+def test_a_frame_layout_replaces_one_placeholder_with_stamps_markers_and_pads():
+    stamp = {0.1: (50, 51), 0.6: (50, 52)}  # "<0.1 seconds>", "<0.6 seconds>" as token ids
+    layout = frame_layout(2, 3, 0.5, PAD, VS, VE, lambda t: stamp[round(t, 1)])
+    assert layout == [50, 51, VS, PAD, PAD, PAD, VE, 50, 52, VS, PAD, PAD, PAD, VE]
+    ids = [1, VS, PAD, VE, 2]
+    [place], inserts = place_items(ids, PAD, [6], [], narrow=False, what="video", layout=lambda i: layout)
+    assert expanded(ids, inserts) == [1, VS, *layout, VE, 2]
+    assert place.offset == 2 and place.length == len(layout) and sum(place.is_embed) == 6
+    with pytest.raises(InvalidArgument, match="expanded layout with mm_placeholders"):
+        place_items([1, PAD, PAD, 2], PAD, [6], [], what="video", layout=lambda i: layout)
