@@ -56,3 +56,19 @@ def test_a_frame_layout_replaces_one_placeholder_with_stamps_markers_and_pads():
     assert place.offset == 2 and place.length == len(layout) and sum(place.is_embed) == 6
     with pytest.raises(InvalidArgument, match="expanded layout with mm_placeholders"):
         place_items([1, PAD, PAD, 2], PAD, [6], [], what="video", layout=lambda i: layout)
+
+
+@pytest.mark.parametrize(
+    "ids, expected, ranges, message",
+    [
+        ([1, PAD, 2], [1, 1], [], "2 images"),
+        ([1, PAD, PAD, PAD, 2], [4], [], r"runs of \[4\]"),
+        ([1, PAD, PAD], [2], [(1, 2), (0, 1)], "2 ranges for 1 images"),
+        ([1, PAD, PAD], [2], [(2, 2)], "outside the prompt"),
+        ([PAD, PAD, PAD, PAD], [2, 2], [(0, 2), (1, 2)], "overlaps"),
+        ([1, PAD, PAD, 2], [3], [(1, 2)], "implies 3 embeddings"),
+    ],
+)
+def test_mismatches_name_both_numbers(ids, expected, ranges, message):
+    with pytest.raises(InvalidArgument, match=message):
+        place_items(ids, PAD, expected, ranges)
