@@ -20,13 +20,13 @@ _GRID = {"image": "image_grid_thw", "video": "video_grid_thw"}
 
 
 def _item(mm_processor, media: MediaItem):
-    tensors = {_PIXELS[media.modality]: media.pixel_values,
-               _GRID[media.modality]: torch.tensor([media.grid_thw], dtype=torch.int64)}
+    tensors = BatchFeature({_PIXELS[media.modality]: media.pixel_values,
+                            _GRID[media.modality]: torch.tensor([media.grid_thw], dtype=torch.int64)})
     if media.second_per_grid is not None:
         tensors["second_per_grid_ts"] = torch.tensor([media.second_per_grid], dtype=torch.float32)
     # The model's declared layout (flat pixel rows by grid size, batched grid, ...).
-    fields = mm_processor._get_mm_fields_config(BatchFeature(tensors), {})
-    return MultiModalKwargsItems.from_hf_inputs(BatchFeature(tensors), fields)[media.modality][0]
+    fields = mm_processor._get_mm_fields_config(tensors, {})
+    return MultiModalKwargsItems.from_hf_inputs(tensors, fields)[media.modality][0]
 
 
 def build_engine_input(request: EngineRequest, mm_processor, publish=None):
