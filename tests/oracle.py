@@ -80,10 +80,10 @@ class Oracle:
             block += [self.vs] + [self.video_pad] * (h * w // 4) + [self.ve]
         return block + [self.ve]
 
-    def prompt(self, text: str, blocks: list[list[int]]) -> tuple[list[int], list[int]]:
-        """The chat prompt with the given image/video blocks before the text, and where each block starts."""
+    def prompt(self, text: str, blocks: list[list[int]], prefix: str = "") -> tuple[list[int], list[int]]:
+        """The chat prompt: `prefix` text, the image/video blocks, then `text`; and where each block starts."""
         enc = lambda s: self.tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
-        ids = enc("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n")
+        ids = enc("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n" + prefix)
         starts = []
         for block in blocks:
             starts.append(len(ids))
@@ -91,12 +91,9 @@ class Oracle:
         return ids + enc(text + "<|im_end|>\n<|im_start|>assistant\n"), starts
 
     def chat_ids(self, text: str, num_images: int = 0, expand: list[int] | None = None, prefix: str = "") -> list[int]:
-        """Qwen2-VL chat prompt; each image is <|vision_start|> pad(s) <|vision_end|>."""
-        enc = lambda s: self.tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
-        ids = enc("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n" + prefix)
-        for i in range(num_images):
-            ids += [self.vs] + [self.pad] * (expand[i] if expand else 1) + [self.ve]
-        return ids + enc(text + "<|im_end|>\n<|im_start|>assistant\n")
+        """The chat prompt with `num_images` images, each <|vision_start|> pad(s) <|vision_end|>."""
+        blocks = [self.image_block(expand[i] if expand else 1) for i in range(num_images)]
+        return self.prompt(text, blocks, prefix)[0]
 
     @torch.no_grad()
     def log_softmax(self, ids: list[int], images: Images | None, videos: Videos | None = None) -> torch.Tensor:

@@ -14,9 +14,8 @@ tensor set that does not fit the family is INVALID_ARGUMENT naming the tensor.
 
 import dataclasses
 
-import numpy as np
-
 import grpc
+import numpy as np
 import pytest
 import pytest_asyncio
 import torch

@@ -19,7 +19,6 @@ import pytest
 from tests.conftest import extra_server
 from tests.fixtures import ROOT, SHAPES_MODEL, mm_inputs, request
 from tinyvlm import data
-from vlm_proto import vllm_engine_pb2 as pb
 
 pytestmark = pytest.mark.engine
 EVAL_SEED = 20261123  # training draws from seed 0; these images are new

@@ -29,25 +29,15 @@ RECIPE_VERSION = "qwen2-vl-random-2"
 def build_config(tokenizer, text: dict | None = None, vision: dict | None = None) -> Qwen2VLConfig:
     """The tiny config; `text`/`vision` override sub-config fields (the trained checkpoint
     widens the vision tower). The decoder's head_dim must stay 64 for vLLM's CPU attention."""
-    ids = tokenizer.convert_tokens_to_ids
     config = Qwen2VLConfig(
-        text_config=dict(
-            vocab_size=VOCAB_SIZE, hidden_size=128, intermediate_size=256,
-            num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-            max_position_embeddings=4096, rms_norm_eps=1e-6,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [8, 12, 12]},
-            bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"),
-            pad_token_id=ids("<|endoftext|>"),
-            initializer_range=0.1,  # sharper next-token distributions than 0.02: fewer near-ties
-        ) | (text or {}),
+        text_config=_text_config(tokenizer, rope_parameters={
+            "rope_type": "default", "rope_theta": 10000.0, "mrope_section": [8, 12, 12]}) | (text or {}),
         vision_config=dict(
             depth=2, embed_dim=32, hidden_size=128, num_heads=2, mlp_ratio=2,
             patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
             initializer_range=0.1,
         ) | (vision or {}),
-        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
-        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
-        tie_word_embeddings=False,
+        tie_word_embeddings=False, **_token_ids(tokenizer),
     )
     config.architectures = ["Qwen2VLForConditionalGeneration"]
     return config
@@ -108,7 +98,7 @@ def _text_config(tokenizer, **overrides) -> dict:
         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
         max_position_embeddings=4096, rms_norm_eps=1e-6,
         bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"),
-        initializer_range=0.1,
+        initializer_range=0.1,  # sharper next-token distributions than 0.02: fewer near-ties
     ) | overrides
 
 
