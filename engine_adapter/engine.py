@@ -9,21 +9,24 @@ import logging
 from collections.abc import AsyncIterator, Sequence
 
 import vllm
+from vllm import SamplingParams
 from vllm.engine.arg_utils import AsyncEngineArgs
-from vllm.exceptions import VLLMClientError
+from vllm.exceptions import GracefulHTTPError, ProfilerAlreadyActiveError, VLLMClientError, VLLMValidationError
 from vllm.utils.argparse_utils import FlexibleArgumentParser
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import EngineDeadError as VllmEngineDeadError
 from vllm.v1.metrics.loggers import StatLoggerBase
 
-from engine_adapter.errors import EngineCapacityError, EngineDeadError, EngineRequestError
+from engine_adapter.errors import (
+    EngineCapacityError, EngineDeadError, EngineRequestError, EngineRetryableError, EngineStateError,
+)
 from engine_adapter.info import model_info, ordinary_token_ids, pixel_norm
 from engine_adapter.outputs import to_step_output
 from engine_adapter.pixels import prepare_pixels
 from engine_adapter.prompt import build_engine_input
-from engine_adapter.sampling import to_sampling_params
+from engine_adapter.sampling import SAMPLING_FIELDS, structured_outputs, to_sampling_params
 from engine_adapter.shm_ring import claim_ring_name
-from engine_adapter.types import EngineRequest, EngineStats, ModelInfo, StepOutput
+from engine_adapter.types import Constraint, EngineRequest, EngineStats, ModelInfo, SamplingOptions, StepOutput
 
 logger = logging.getLogger(__name__)
 
@@ -68,11 +71,11 @@ class Engine:
     def __init__(self, llm: AsyncLLM, stats: EngineStats):
         self._llm = llm
         self.stats = stats
-        self.info: ModelInfo = model_info(llm.vllm_config)
+        self._tokenizer = llm.get_tokenizer()
+        self.info: ModelInfo = model_info(llm.vllm_config, self._tokenizer)
         self._norm = pixel_norm(llm.vllm_config)
         self._mm_processor = llm.renderer.get_mm_processor() if self.info.supports_vision else None
         self.version = vllm.__version__
-        self._tokenizer = llm.get_tokenizer()
         self.ordinary_token_ids = ordinary_token_ids(self._tokenizer, self.info.vocab_size)
         mm_config = llm.vllm_config.model_config.multimodal_config
         # With vLLM's shared-memory processor cache, each image is written once per identity
@@ -104,20 +107,45 @@ class Engine:
         """Run one request, yielding per-step deltas.
 
         Cancelling the consumer aborts the request in the engine (vLLM's generate does
-        it on CancelledError/GeneratorExit); engine death and rejected inputs surface
-        as our own error types.
+        it on CancelledError/GeneratorExit); vLLM's errors surface as our own types.
         """
-        sampling = to_sampling_params(request.sampling)
+        options = request.sampling
+        try:
+            sampling = to_sampling_params(options)
+        except VLLMValidationError as exc:
+            raise _request_error(exc) from exc
+        self._check_constraint(options.constraint)
         engine_input = build_engine_input(request, self._mm_processor, self._publish if self.shares_mm_by_shm else None)
+        # A gateway that shaped the grammar to start at the first token says so; vLLM would
+        # otherwise hold it back until its reasoning parser has seen the thought's end.
+        reasoning_ended = True if options.grammar_from_first_token and options.constraint else None
         first = True
         try:
-            async for output in self._llm.generate(engine_input, sampling, request.request_id):
-                yield to_step_output(output, request.sampling.logprobs, request.sampling.prompt_logprobs, first)
+            async for output in self._llm.generate(engine_input, sampling, request.request_id,
+                                                   reasoning_ended=reasoning_ended):
+                step = to_step_output(output, options.logprobs, options.prompt_logprobs, first)
+                _raise_if_failed(step, options)
+                yield step
                 first = False
         except VllmEngineDeadError as exc:
             raise EngineDeadError(str(exc)) from exc
         except VLLMClientError as exc:
-            raise EngineRequestError(str(exc)) from exc
+            raise _request_error(exc) from exc
+        except GracefulHTTPError as exc:  # admission control: the queue or the prefill backlog is full
+            raise EngineCapacityError(exc.message) from exc
+
+    def _check_constraint(self, constraint: Constraint | None) -> None:
+        """The backend's verdict on the constraint alone, so its errors name the constraint's field
+        (vLLM's structured-output checks name no parameter)."""
+        if constraint is None:
+            return
+        config = self._llm.vllm_config
+        try:
+            probe = SamplingParams(structured_outputs=structured_outputs(constraint))
+            probe.verify(config.model_config, config.speculative_config, config.structured_outputs_config,
+                         self._tokenizer)
+        except (VLLMValidationError, ValueError) as exc:  # ValueError: a NUL in a regex, and the like
+            raise _request_error(exc, constraint.kind) from exc
 
     def _publish(self, hashes: dict[str, list[str]], items: dict[str, list]) -> None:
         """Write each new identity's item into the ring once; items become addresses.
@@ -149,6 +177,22 @@ class Engine:
         self.stats.mm_items_published += len(sizes)
         self.stats.mm_items_reused += len(slots) - len(sizes)
 
+    async def start_profile(self, start_step: int | None = None, num_steps: int | None = None) -> None:
+        """Start vLLM's profiler (as configured by --profiler-config) on every rank."""
+        if not self.info.profiler:
+            raise EngineStateError("no profiler configured: start the servicer with vLLM's --profiler-config, "
+                                   "e.g. --profiler-config '{\"profiler\": \"torch\", \"torch_profiler_dir\": \"/tmp/trace\"}'")
+        try:
+            await self._llm.start_profile(delay_iterations=start_step, max_iterations=num_steps)
+        except ProfilerAlreadyActiveError as exc:
+            raise EngineStateError("a profile is already running: call StopProfile first") from exc
+
+    async def stop_profile(self) -> None:
+        """Stop the profiler and write its traces (under the configured directory)."""
+        if not self.info.profiler:
+            raise EngineStateError("no profiler configured: start the servicer with vLLM's --profiler-config")
+        await self._llm.stop_profile()
+
     async def abort(self, request_ids: Sequence[str]) -> None:
         await self._llm.abort(list(request_ids))
 
@@ -176,6 +220,28 @@ class Engine:
             # Drop the last reference now: AsyncLLM.__del__ shuts down again, which fails
             # if it only runs at interpreter exit, after vLLM's modules are torn down.
             self._llm = None
+
+
+def _request_error(exc: Exception, parameter: str | None = None) -> EngineRequestError:
+    """vLLM's reason, prefixed with the request field it is about: given, vLLM's `parameter`, or the
+    sampling field its message starts with (SamplingParams' own checks often name no parameter)."""
+    message = exc.args[0] if exc.args else str(exc)
+    parameter = parameter or getattr(exc, "parameter", None)
+    if parameter is None and message.split(" ", 1)[0] in SAMPLING_FIELDS:
+        parameter = message.split(" ", 1)[0]
+    return EngineRequestError(f"{f'sampling_params.{parameter}' if parameter else 'request'}: {message}")
+
+
+def _raise_if_failed(step: StepOutput, options: SamplingOptions) -> None:
+    """vLLM ends a request it could not run with finish reason "error" (a grammar that would not compile,
+    a KV transfer that failed, ...); that is an error status, never an answer."""
+    failed = [s for s in step.samples if s.finish_reason == "error"]
+    if not failed:
+        return
+    if options.constraint is not None and step.samples and not any(s.token_ids for s in failed):
+        raise EngineRequestError(f"sampling_params.{options.constraint.kind}: the structured-output backend "
+                                 "could not compile it")
+    raise EngineRetryableError("the engine failed this request")
 
 
 def _item_nbytes(item) -> int:

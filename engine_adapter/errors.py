@@ -11,3 +11,11 @@ class EngineRequestError(ValueError):
 
 class EngineCapacityError(RuntimeError):
     """The request is valid but does not fit a configured bound right now (e.g. the shared-memory ring)."""
+
+
+class EngineRetryableError(RuntimeError):
+    """The engine failed this request for a passing reason; the same request may succeed on a retry."""
+
+
+class EngineStateError(RuntimeError):
+    """The engine is not configured, or not in the state, this call needs (the message says which flag or call)."""

@@ -3,8 +3,16 @@
 from vllm.config import VllmConfig
 from vllm.model_executor.layers.fusion.mm_input_norm import _load_norm_params
 
+from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.multimodal.encoder_budget import MultiModalBudget
+
 from engine_adapter.pixels import PixelNorm
 from engine_adapter.types import ModelInfo
+
+
+# Sampling defaults a generation config may set that the wire's SamplingParams carries.
+_SAMPLING_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty",
+                      "presence_penalty", "frequency_penalty", "max_tokens")
 
 
 def _token_ids(value) -> tuple[int, ...]:
@@ -20,7 +28,19 @@ def _patch_dim(vision) -> int:
     return channels * getattr(vision, "temporal_patch_size", 1) * getattr(vision, "patch_size", 14) ** 2
 
 
-def model_info(config: VllmConfig) -> ModelInfo:
+def _encoder_budget(config: VllmConfig) -> int:
+    """vLLM's encoder budget (the lesser of its compute budget and cache size), as its start-up logs it."""
+    if not config.model_config.is_multimodal_model:
+        return 0
+    return MultiModalBudget(config, MULTIMODAL_REGISTRY, enable_cache=False).get_encoder_budget()
+
+
+def _default_sampling(config: VllmConfig) -> dict:
+    """The model's generation-config defaults that a gateway applies to requests that leave them unset."""
+    return {k: v for k, v in config.model_config.get_diff_sampling_param().items() if k in _SAMPLING_DEFAULTS}
+
+
+def model_info(config: VllmConfig, tokenizer) -> ModelInfo:
     model = config.model_config
     hf = model.hf_config
     text = hf.get_text_config()
@@ -30,6 +50,7 @@ def model_info(config: VllmConfig) -> ModelInfo:
     if mm is not None:
         limits = {m: mm.get_limit_per_prompt(m) for m in ("image", "video")}
         limits = {m: n for m, n in limits.items() if n > 0}
+    structured, kv = config.structured_outputs_config, config.kv_transfer_config
     eos = _token_ids(getattr(text, "eos_token_id", None) or getattr(hf, "eos_token_id", None))
     return ModelInfo(
         model_path=model.model,
@@ -58,6 +79,20 @@ def model_info(config: VllmConfig) -> ModelInfo:
         max_num_seqs=config.scheduler_config.max_num_seqs,
         data_parallel_size=config.parallel_config.data_parallel_size,
         max_logprobs=model.max_logprobs,
+        tokenizer_path=model.tokenizer or model.model,
+        truncation_side=tokenizer.truncation_side,
+        default_sampling=_default_sampling(config),
+        reasoning_parser=structured.reasoning_parser or "",
+        # vLLM holds a grammar back until the reasoning parser has seen the thought's end,
+        # unless it is told to constrain the reasoning too.
+        constrained_decoding_start="after_reasoning" if structured.reasoning_parser and not structured.enable_in_reasoning
+        else "first_token",
+        mm_encoder_budget=_encoder_budget(config),
+        attention_backend=config.attention_config.backend.name if config.attention_config.backend else "",
+        kv_connector=(kv and kv.kv_connector) or "",
+        kv_role=(kv and kv.kv_role) or "",
+        kv_engine_id=(kv and kv.engine_id) or "",
+        profiler=config.profiler_config.profiler or "",
     )
 
 

@@ -37,6 +37,7 @@ def to_step_output(
             logprobs=_logprobs(c.token_ids, c.logprobs, logprobs_k),
             finish_reason=c.finish_reason,
             stop_token_id=c.stop_reason if isinstance(c.stop_reason, int) else None,
+            stop_str=c.stop_reason if isinstance(c.stop_reason, str) else None,
         )
         for c in output.outputs
     )

@@ -1,35 +1,43 @@
-"""SamplingOptions -> vllm.SamplingParams."""
+"""SamplingOptions -> vllm.SamplingParams, field by field by name (types.SamplingOptions is the list)."""
+
+import dataclasses
 
 from vllm import SamplingParams
-from vllm.sampling_params import RequestOutputKind
+from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
-from engine_adapter.types import SamplingOptions
+from engine_adapter.types import Constraint, SamplingOptions
+
+# The wire's constraint names -> StructuredOutputsParams' keyword for the same thing.
+_STRUCTURED = {"json_schema": "json", "regex": "regex", "grammar": "grammar",
+               "structural_tag": "structural_tag", "json_object": "json_object", "choice": "choice"}
+SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingOptions) if f.metadata.get("sampling_params", True))
+
+
+def structured_outputs(constraint: Constraint | None) -> StructuredOutputsParams | None:
+    if constraint is None:
+        return None
+    value = list(constraint.value) if isinstance(constraint.value, tuple) else constraint.value
+    return StructuredOutputsParams(**{_STRUCTURED[constraint.kind]: value})
+
+
+def _vllm_value(value):
+    if isinstance(value, tuple):
+        return list(value)
+    if isinstance(value, dict):
+        return dict(value) or None
+    return value
 
 
 def to_sampling_params(options: SamplingOptions) -> SamplingParams:
-    """Token-in/token-out: no detokenization, so no stop strings (the servicer refuses them).
+    """vLLM's own SamplingParams (which validates every value; errors name the parameter).
 
-    Always DELTA outputs: streaming forwards them, non-streaming accumulates them, and an
-    abort ends both the same way.
+    Output text is detokenized only when stop strings need it to match; the ids are never
+    changed by it. Always DELTA outputs: streaming forwards them, non-streaming accumulates
+    them, and an abort ends both the same way.
     """
     return SamplingParams(
-        n=options.n,
-        temperature=options.temperature,
-        top_p=options.top_p,
-        top_k=options.top_k,
-        min_p=options.min_p,
-        frequency_penalty=options.frequency_penalty,
-        presence_penalty=options.presence_penalty,
-        repetition_penalty=options.repetition_penalty,
-        max_tokens=options.max_tokens,
-        min_tokens=options.min_tokens,
-        stop_token_ids=list(options.stop_token_ids),
-        ignore_eos=options.ignore_eos,
-        logprobs=options.logprobs,
-        prompt_logprobs=options.prompt_logprobs,
-        seed=options.seed,
-        logit_bias=dict(options.logit_bias) or None,
-        detokenize=False,
-        skip_special_tokens=False,
+        **{name: _vllm_value(getattr(options, name)) for name in SAMPLING_FIELDS},
+        structured_outputs=structured_outputs(options.constraint),
+        detokenize=bool(options.stop),
         output_kind=RequestOutputKind.DELTA,
     )

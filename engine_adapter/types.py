@@ -6,8 +6,27 @@ import torch
 
 
 @dataclass(frozen=True)
+class Constraint:
+    """A structured-output constraint, named as the wire names it (SamplingParams.constraint)."""
+
+    kind: str  # json_schema, regex, grammar, structural_tag, json_object, choice
+    value: str | tuple[str, ...] | bool
+
+
+def _request(default=None):
+    """A sampling option that shapes the request, not vLLM's SamplingParams."""
+    return field(default=default, metadata={"sampling_params": False})
+
+
+@dataclass(frozen=True)
 class SamplingOptions:
-    """What the client asked of the sampler; defaults already resolved by the servicer."""
+    """What the client asked of the sampler: the one list of sampling fields.
+
+    Every name is both the wire's (`SamplingParams` in the proto) and vLLM's
+    (`vllm.SamplingParams`): the servicer fills fields by name from the request and the
+    adapter passes them to vLLM by name, so a new field is added here and nowhere else.
+    Defaults are vLLM's meaning of "unset"; bools are taken as the wire sends them.
+    """
 
     max_tokens: int
     temperature: float = 1.0
@@ -18,13 +37,19 @@ class SamplingOptions:
     presence_penalty: float = 0.0
     repetition_penalty: float = 1.0
     min_tokens: int = 0
+    stop: tuple[str, ...] = ()  # stop strings: vLLM detokenizes the output to match them
     stop_token_ids: tuple[int, ...] = ()
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = False
+    spaces_between_special_tokens: bool = False
     ignore_eos: bool = False
     n: int = 1
     logprobs: int | None = None  # top-k per output token; -1 = whole vocabulary
     prompt_logprobs: int | None = None
     seed: int | None = None
     logit_bias: dict[int, float] = field(default_factory=dict)
+    constraint: Constraint | None = _request()  # structured outputs
+    grammar_from_first_token: bool = _request(False)  # the grammar applies from the first token
 
 
 @dataclass(frozen=True)
@@ -76,7 +101,8 @@ class SampleDelta:
     token_ids: tuple[int, ...]
     logprobs: tuple[TokenLogprob, ...] | None
     finish_reason: str | None  # "stop", "length", "abort" once finished
-    stop_token_id: int | None = None
+    stop_token_id: int | None = None  # the stop token that ended it (not EOS)
+    stop_str: str | None = None  # the stop string that ended it
 
 
 @dataclass(frozen=True)
@@ -92,7 +118,7 @@ class StepOutput:
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """What the engine knows about its model, for GetModelInfo / GetServerInfo."""
+    """What the engine knows about its model and its own configuration, for GetModelInfo / GetServerInfo."""
 
     model_path: str
     served_model_name: str
@@ -119,6 +145,17 @@ class ModelInfo:
     max_num_seqs: int
     data_parallel_size: int
     max_logprobs: int
+    tokenizer_path: str  # the folder the engine's tokenizer files are in
+    truncation_side: str  # "left" or "right": where truncate_prompt_tokens cuts
+    default_sampling: dict[str, float | int]  # the model's generation-config defaults (vLLM's names)
+    reasoning_parser: str  # "" when the engine runs none
+    constrained_decoding_start: str  # where a grammar starts: "first_token" or "after_reasoning"
+    mm_encoder_budget: int  # the most embeddings one media item may have (0: not multimodal)
+    attention_backend: str  # "" when vLLM picks it
+    kv_connector: str  # "" without --kv-transfer-config
+    kv_role: str
+    kv_engine_id: str
+    profiler: str  # "" without --profiler-config
 
 
 @dataclass

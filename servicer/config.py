@@ -1,6 +1,7 @@
 """The servicer's one typed configuration, built once from the command line."""
 
 import argparse
+import os
 from dataclasses import dataclass, field
 
 
@@ -28,6 +29,7 @@ class ServerConfig:
     mm_store_gb: float = 2.0  # images kept for reference-by-hash (LRU by bytes)
     mm_shm_keep: bool = False  # keep gateway shm segments after reading them (debugging)
     mm_shm_gb: float = 4.0  # ring that publishes images to the engine's ranks (with vLLM's shm cache)
+    pairing_protocol: str = ""  # PD pairing label a gateway matches between prefill and decode workers
     engine_args: tuple[str, ...] = field(default_factory=tuple)  # vLLM's own flags, passed through
 
     def __post_init__(self):
@@ -72,6 +74,9 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mm-shm-gb", type=float, default=d.mm_shm_gb,
                         help="with --mm-processor-cache-type shm: bytes of images published to the engine's ranks "
                              "through shared memory; requests beyond it get RESOURCE_EXHAUSTED")
+    parser.add_argument("--pairing-protocol", default=os.environ.get("SMG_PAIRING_PROTOCOL", "").strip(),
+                        help="PD pairing protocol reported to SMG (default: $SMG_PAIRING_PROTOCOL, the variable "
+                             "SMG's contract names); a prefill and a decode worker pair only when theirs are equal")
     parser.add_argument("--mm-shm-keep", action="store_true", default=d.mm_shm_keep,
                         help="do not unlink gateway shared-memory segments after reading them (debugging)")
 
@@ -82,6 +87,6 @@ def config_from_args(ns: argparse.Namespace, engine_args: list[str]) -> ServerCo
         max_concurrent_requests=ns.max_concurrent_requests, max_n=ns.max_n,
         decode_workers=ns.decode_workers, drain_timeout_s=ns.drain_timeout_s, metrics_port=ns.metrics_port,
         mm_hash_policy=ns.mm_hash_policy, mm_pad_values=ns.mm_pad_values, mm_store_gb=ns.mm_store_gb,
-        mm_shm_keep=ns.mm_shm_keep, mm_shm_gb=ns.mm_shm_gb,
+        mm_shm_keep=ns.mm_shm_keep, mm_shm_gb=ns.mm_shm_gb, pairing_protocol=ns.pairing_protocol,
         engine_args=tuple(engine_args),
     )

@@ -7,7 +7,9 @@ Anything that is not one of these is our bug: INTERNAL, never blamed on the clie
 
 import grpc
 
-from engine_adapter.errors import EngineCapacityError, EngineDeadError, EngineRequestError
+from engine_adapter.errors import (
+    EngineCapacityError, EngineDeadError, EngineRequestError, EngineRetryableError, EngineStateError,
+)
 
 
 class ServicerError(Exception):
@@ -54,4 +56,8 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str, tuple[tuple[st
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), ()
     if isinstance(exc, EngineRequestError):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc), ()
+    if isinstance(exc, EngineRetryableError):
+        return grpc.StatusCode.UNAVAILABLE, f"{exc}; retry", ()
+    if isinstance(exc, EngineStateError):
+        return grpc.StatusCode.FAILED_PRECONDITION, str(exc), ()
     return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}", ()

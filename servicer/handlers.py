@@ -8,6 +8,7 @@ engine stream, which aborts the request in the engine.
 
 import asyncio
 import functools
+import json
 import logging
 import time
 import uuid
@@ -19,8 +20,8 @@ import grpc
 
 from engine_adapter.engine import Engine
 from servicer.config import ServerConfig
-from servicer.errors import InvalidArgument, ResourceExhausted, Unavailable, status_for
-from servicer import shm
+from servicer.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable, status_for
+from servicer import shm, tokenizer_bundle
 from servicer.image_store import ImageStore
 from servicer.shm import ConsumedSegments
 from servicer.metrics import Metrics
@@ -93,6 +94,7 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
             unlink_shm=not config.mm_shm_keep,
         )
         self.shm_namespace_id = shm.namespace_id()
+        self._tokenizer_bundle: tokenizer_bundle.Bundle | None = None
         self.decoder = RequestDecoder(engine.info, config.max_n, engine.prepare_pixels, policy, engine.stamp_ids)
         metrics.bind(lambda: len(self.in_flight), lambda: engine.stats.prefix_cache_hit_rate, self.image_store)
 
@@ -205,13 +207,14 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
             vocab_size=info.vocab_size,
             supports_vision=info.supports_vision,
             served_model_name=info.served_model_name,
-            tokenizer_path=info.model_path,
+            tokenizer_path=info.tokenizer_path,
             model_type=info.model_type,
             architectures=info.architectures,
             eos_token_ids=info.eos_token_ids,
             pad_token_id=info.pad_token_id,
             bos_token_id=info.bos_token_id,
             max_req_input_len=info.max_model_len - 1,
+            default_sampling_params_json=json.dumps(info.default_sampling, sort_keys=True) if info.default_sampling else "",
         )
 
     @_guard
@@ -232,6 +235,14 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
             max_num_seqs=info.max_num_seqs,
             mm_item_limits=",".join(f"{m}={n}" for m, n in sorted(info.mm_item_limits.items())),
             multimodal_encoder_dtype=str(info.dtype).removeprefix("torch."),
+            kv_connector=info.kv_connector,
+            kv_role=info.kv_role,
+            kv_engine_id=info.kv_engine_id,
+            attention_backend=info.attention_backend,
+            pairing_protocol=self.config.pairing_protocol,
+            engine_reasoning_parser=info.reasoning_parser,
+            constrained_decoding_start=info.constrained_decoding_start,
+            mm_encoder_budget=info.mm_encoder_budget,
             prefix_cache_hit_rate=self.engine.stats.prefix_cache_hit_rate,
             mm_store_items=store.items,
             mm_store_bytes=store.bytes,
@@ -258,6 +269,43 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
         return pb.GetLoadsResponse(
             timestamp=datetime.now(timezone.utc).isoformat(), version=self.engine.version, dp_rank_count=1, loads=[load]
         )
+
+    async def GetTokenizer(self, request: common_pb2.GetTokenizerRequest, context):
+        """The engine's tokenizer files, zipped (built once), in 64 KiB chunks; the digest on the last."""
+        try:
+            if self._tokenizer_bundle is None:
+                path = self.engine.info.tokenizer_path
+                try:
+                    self._tokenizer_bundle = await asyncio.to_thread(tokenizer_bundle.build, path)
+                except FileNotFoundError as exc:
+                    raise FailedPrecondition(f"the engine's tokenizer is not a local folder of files: {exc}") from exc
+                logger.info("tokenizer bundle: %d bytes, sha256 %s, files %s", len(self._tokenizer_bundle.data),
+                            self._tokenizer_bundle.sha256, ", ".join(self._tokenizer_bundle.names))
+        except Exception as exc:
+            await _fail(context, exc, "GetTokenizer")
+        for data, digest in self._tokenizer_bundle.chunks():
+            yield common_pb2.GetTokenizerChunk(data=data, sha256=digest)
+
+    @_guard
+    async def StartProfile(self, request: common_pb2.StartProfileRequest, context) -> common_pb2.ProfileResponse:
+        # The trace directory and what is recorded are the engine's launch configuration (--profiler-config).
+        fixed = [name for name in ("output_dir", "with_stack", "record_shapes") if request.HasField(name)]
+        fixed += ["activities"] * bool(request.activities) + ["profile_by_stage"] * request.profile_by_stage
+        if fixed:
+            raise InvalidArgument(f"{', '.join(fixed)}: set by the engine's --profiler-config at launch, not per call")
+        for name in ("start_step", "num_steps"):
+            if request.HasField(name) and getattr(request, name) < 0:
+                raise InvalidArgument(f"{name}: {getattr(request, name)} is negative")
+        await self.engine.start_profile(
+            request.start_step if request.HasField("start_step") else None,
+            request.num_steps if request.HasField("num_steps") else None,
+        )
+        return common_pb2.ProfileResponse(success=True, message="profiling started")
+
+    @_guard
+    async def StopProfile(self, request: common_pb2.StopProfileRequest, context) -> common_pb2.ProfileResponse:
+        await self.engine.stop_profile()
+        return common_pb2.ProfileResponse(success=True, message="profiling stopped; traces written")
 
     @_guard
     async def FlushCache(self, request: common_pb2.FlushCacheRequest, context) -> common_pb2.FlushCacheResponse:

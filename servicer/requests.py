@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine_adapter.types import EngineRequest, ModelInfo, SamplingOptions
+from engine_adapter.types import Constraint, EngineRequest, MediaItem, ModelInfo, SamplingOptions
 from servicer.errors import InvalidArgument, ResourceExhausted
 from servicer.multimodal import MODALITIES, ImagePolicy, decode_media, engine_prompt_ids
 from servicer.placeholders import expanded, shifted
@@ -15,23 +15,43 @@ from vlm_proto import vllm_engine_pb2 as pb
 
 def _refuse_unsupported(request: pb.GenerateRequest) -> None:
     """Options of the contract this servicer does not serve are refused by name, never ignored."""
-    sp = request.sampling_params
     unsupported = {
         "text": request.WhichOneof("input") == "text",
         "kv_transfer_params": request.HasField("kv_transfer_params"),
         "kv_transfer_params_json": request.HasField("kv_transfer_params_json"),
         "data_parallel_rank": request.HasField("data_parallel_rank") and request.data_parallel_rank != 0,
         "media_refs": request.HasField("media_refs"),
-        "sampling_params.stop": len(sp.stop) > 0,
-        f"sampling_params.{sp.WhichOneof('constraint')}": sp.WhichOneof("constraint") is not None,
-        "sampling_params.truncate_prompt_tokens": sp.HasField("truncate_prompt_tokens"),
     }
     named = [name for name, present in unsupported.items() if present]
     if named:
         raise InvalidArgument(
-            f"{', '.join(named)}: not supported by this token-in/token-out servicer "
-            "(send token ids; stop strings, structured outputs and KV transfer are not served)"
+            f"{', '.join(named)}: not supported by this servicer (it takes token ids and preprocessed "
+            "media, on one data-parallel rank, without KV transfer)"
         )
+
+
+def _truncate(ids: list[int], media: list[MediaItem], sp: pb.SamplingParams,
+              info: ModelInfo) -> tuple[list[int], list[MediaItem]]:
+    """`truncate_prompt_tokens` as vLLM applies it: keep N tokens (-1: the context less one), from the
+    side the model's tokenizer truncates; an image or video is kept whole or the request refused."""
+    if not sp.HasField("truncate_prompt_tokens"):
+        return ids, media
+    keep = sp.truncate_prompt_tokens
+    if keep == -1:
+        keep = info.max_model_len - 1
+    if not 1 <= keep <= info.max_model_len:
+        raise InvalidArgument(f"sampling_params.truncate_prompt_tokens: {sp.truncate_prompt_tokens} is outside "
+                              f"[1, {info.max_model_len}] (or -1 for the context length)")
+    if keep >= len(ids):
+        return ids, media
+    start = len(ids) - keep if info.truncation_side == "left" else 0
+    for m in media:
+        if m.offset < start or m.offset + m.length > start + keep:
+            raise InvalidArgument(
+                f"sampling_params.truncate_prompt_tokens: keeping {keep} of {len(ids)} prompt tokens "
+                f"({info.truncation_side} truncation) would cut the {m.modality} at positions "
+                f"[{m.offset}, {m.offset + m.length})")
+    return ids[start:start + keep], [dataclasses.replace(m, offset=m.offset - start) for m in media]
 
 
 def _check_ids(ids: list[int], info: ModelInfo) -> None:
@@ -51,10 +71,40 @@ def _check_length(ids: list[int], info: ModelInfo) -> None:
         )
 
 
+def _given(sp: pb.SamplingParams) -> dict:
+    """The request's sampling fields that SamplingOptions knows, by name, where the client set them.
+
+    Fields with presence count when set; other numbers count when non-zero (proto3's zero is
+    "unset": top_p 0 means 1.0); bools are taken as sent; lists and maps when non-empty.
+    """
+    given = {}
+    for option in dataclasses.fields(SamplingOptions):
+        wire = pb.SamplingParams.DESCRIPTOR.fields_by_name.get(option.name)
+        if wire is None:
+            continue
+        value = getattr(sp, option.name)
+        if wire.message_type is not None and wire.message_type.GetOptions().map_entry:
+            value = dict(value)
+        elif wire.is_repeated:
+            value = tuple(value)
+        if sp.HasField(option.name) if wire.has_presence else (value or wire.type == wire.TYPE_BOOL):
+            given[option.name] = value
+    return given
+
+
+def _constraint(sp: pb.SamplingParams) -> Constraint | None:
+    kind = sp.WhichOneof("constraint")
+    if kind is None:
+        return None
+    value = getattr(sp, kind)
+    return Constraint(kind, tuple(value.choices) if kind == "choice" else value)
+
+
 def sampling_options(sp: pb.SamplingParams, prompt_len: int, info: ModelInfo, max_n: int) -> SamplingOptions:
-    """Resolve proto defaults (0 = unset for top_p, repetition_penalty, n) and enforce limits."""
+    """The request's sampling fields with our limits enforced; vLLM's SamplingParams checks the values."""
+    given = _given(sp)
     room = info.max_model_len - prompt_len
-    max_tokens = sp.max_tokens if sp.HasField("max_tokens") else room
+    max_tokens = given.pop("max_tokens", room)
     if max_tokens > room:
         raise ResourceExhausted(
             f"sampling_params.max_tokens: {max_tokens} exceeds the {room} tokens left after a "
@@ -62,37 +112,20 @@ def sampling_options(sp: pb.SamplingParams, prompt_len: int, info: ModelInfo, ma
         )
     if max_tokens < 1:
         raise InvalidArgument("sampling_params.max_tokens: must be at least 1")
-    n = sp.n or 1
+    n = given.get("n", 1)
     if n > max_n:
         raise ResourceExhausted(f"sampling_params.n: {n} exceeds this servicer's limit of {max_n}")
     for name in ("logprobs", "prompt_logprobs"):
-        if sp.HasField(name) and (getattr(sp, name) > info.max_logprobs or getattr(sp, name) < -1):
+        if name in given and not -1 <= given[name] <= info.max_logprobs:
             raise ResourceExhausted(
-                f"sampling_params.{name}: {getattr(sp, name)} is outside [-1, {info.max_logprobs}] (engine --max-logprobs)"
+                f"sampling_params.{name}: {given[name]} is outside [-1, {info.max_logprobs}] (engine --max-logprobs)"
             )
     if sp.min_tokens > max_tokens:
         raise InvalidArgument(f"sampling_params.min_tokens: {sp.min_tokens} exceeds max_tokens {max_tokens}")
     bad_stop = [t for t in sp.stop_token_ids if t >= info.vocab_size]
     if bad_stop:
         raise InvalidArgument(f"sampling_params.stop_token_ids: {bad_stop} outside the vocabulary (size {info.vocab_size})")
-    return SamplingOptions(
-        max_tokens=max_tokens,
-        temperature=sp.temperature if sp.HasField("temperature") else 1.0,
-        top_p=sp.top_p or 1.0,
-        top_k=sp.top_k,
-        min_p=sp.min_p,
-        frequency_penalty=sp.frequency_penalty,
-        presence_penalty=sp.presence_penalty,
-        repetition_penalty=sp.repetition_penalty or 1.0,
-        min_tokens=sp.min_tokens,
-        stop_token_ids=tuple(sp.stop_token_ids),
-        ignore_eos=sp.ignore_eos,
-        n=n,
-        logprobs=sp.logprobs if sp.HasField("logprobs") else None,
-        prompt_logprobs=sp.prompt_logprobs if sp.HasField("prompt_logprobs") else None,
-        seed=sp.seed if sp.HasField("seed") else None,
-        logit_bias=dict(sp.logit_bias),
-    )
+    return SamplingOptions(max_tokens=max_tokens, constraint=_constraint(sp), **given)
 
 
 def _tensors(batches: list[pb.MultimodalInputs]):
@@ -156,6 +189,7 @@ class RequestDecoder:
             if a.offset + a.length > b.offset:
                 raise InvalidArgument(f"mm_inputs.mm_placeholders: the {a.modality} at {a.offset} (length {a.length}) "
                                       f"overlaps the {b.modality} at {b.offset}")
+        ids, media = _truncate(ids, media, request.sampling_params, self.info)
         _check_length(ids, self.info)
         sampling = sampling_options(request.sampling_params, len(ids), self.info, self.max_n)
         engine_ids = engine_prompt_ids(ids, media, self.images, self.info)

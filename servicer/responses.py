@@ -53,6 +53,8 @@ def _complete(delta_ids, step: StepOutput, sample: SampleDelta, logprobs, prompt
         complete.input_logprobs.CopyFrom(prompt_lps)
     if sample.stop_token_id is not None:
         complete.matched_token_id = sample.stop_token_id
+    elif sample.stop_str is not None:
+        complete.matched_stop_str = sample.stop_str
     return pb.GenerateResponse(complete=complete)
 
 

@@ -1,6 +1,7 @@
 """One real vLLM CPU engine and one real gRPC server per test session, on loopback port 0."""
 
 import contextlib
+import json
 import os
 from dataclasses import dataclass, field
 
@@ -30,9 +31,21 @@ async def _start_engine(path, engine_args=ENGINE_ARGS):
     return await start_engine(parse_engine_args(str(path), list(engine_args)))
 
 
+# The session engine also runs vLLM's profiler (idle until StartProfile) and generation-config
+# defaults a gateway reads from GetModelInfo.
+GENERATION_DEFAULTS = {"top_k": 20, "top_p": 0.9}
+
+
+@pytest.fixture(scope="session")
+def profile_dir(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("profile"))
+
+
 @pytest_asyncio.fixture(scope="session")
-async def engine(model_path):
-    engine = await _start_engine(model_path)
+async def engine(model_path, profile_dir):
+    engine = await _start_engine(model_path, ENGINE_ARGS + (
+        "--profiler-config", json.dumps({"profiler": "torch", "torch_profiler_dir": profile_dir}),
+        "--override-generation-config", json.dumps(GENERATION_DEFAULTS)))
     yield engine
     engine.shutdown()
 

@@ -33,6 +33,7 @@ def _bad_requests(oracle, one_image, vocab, max_len):
     extra_tensor = mm()
     extra_tensor.model_specific_tensors["foo"].CopyFrom(tensor(grid))
     short_grid = mm_inputs(pv, torch.tensor([[1, 4, 4]]))
+    cut_keep = len(ids) + 15 - (ids.index(oracle.pad) + 8)  # (left) truncation starting 8 tokens into the image
     cases = {
         "empty ids": (request([], max_tokens=4), INVALID, "tokenized.input_ids: empty"),
         "id >= vocab": (request(text + [vocab], max_tokens=4), INVALID, f"tokenized.input_ids[{len(text)}]"),
@@ -53,8 +54,33 @@ def _bad_requests(oracle, one_image, vocab, max_len):
         "n over limit": (request(text, n=99, max_tokens=4), EXHAUSTED, "sampling_params.n"),
         "max_tokens over context": (request(text, max_tokens=max_len), EXHAUSTED, "sampling_params.max_tokens"),
         "logprobs over limit": (request(text, max_tokens=2, logprobs=1000), EXHAUSTED, "sampling_params.logprobs"),
-        "stop strings": (request(text, max_tokens=4, stop=["."]), INVALID, "sampling_params.stop"),
-        "structured output": (request(text, max_tokens=4, json_schema="{}"), INVALID, "sampling_params.json_schema"),
+        "negative temperature": (request(text, max_tokens=4, temperature=-1.0), INVALID, "sampling_params.temperature"),
+        "negative top_p": (request(text, max_tokens=4, top_p=-0.5), INVALID, "sampling_params.top_p"),
+        "min_p over 1": (request(text, max_tokens=4, min_p=1.5), INVALID, "sampling_params.min_p"),
+        "empty stop string": (request(text, max_tokens=4, stop=[""]), INVALID, "sampling_params.stop"),
+        "logit_bias outside vocab": (request(text, max_tokens=4, logit_bias={vocab + 5: 1.0}), INVALID,
+                                     "sampling_params.logit_bias"),
+        "invalid json schema": (request(text, max_tokens=4, json_schema='{"type": "nope"}'), INVALID,
+                                "sampling_params.json_schema"),
+        "json schema not json": (request(text, max_tokens=4, json_schema="{not json"), INVALID,
+                                 "sampling_params.json_schema"),
+        "invalid regex": (request(text, max_tokens=4, regex="(unclosed"), INVALID, "sampling_params.regex"),
+        "regex with NUL": (request(text, max_tokens=4, regex="a\x00b"), INVALID, "sampling_params.regex"),
+        "invalid grammar": (request(text, max_tokens=4, grammar="root ::= ("), INVALID, "sampling_params.grammar"),
+        "empty choice": (request(text, max_tokens=4, choice=pb.ChoiceConstraint()), INVALID, "sampling_params.choice"),
+        "json_object false": (request(text, max_tokens=4, json_object=False), INVALID, "sampling_params.json_object"),
+        "invalid structural tag": (request(text, max_tokens=4, structural_tag='{"type": "nope"}'), INVALID,
+                                   "sampling_params.structural_tag"),
+        "truncate 0": (request(text, max_tokens=4, truncate_prompt_tokens=0), INVALID,
+                       "sampling_params.truncate_prompt_tokens"),
+        "truncate over context": (request(text, max_tokens=4, truncate_prompt_tokens=max_len + 1), INVALID,
+                                  "sampling_params.truncate_prompt_tokens"),
+        "truncate into image": (request(ids, mm=mm(), max_tokens=4, truncate_prompt_tokens=cut_keep), INVALID,
+                                f"keeping {cut_keep} of {len(ids) + 15} prompt tokens"),
+        "kv transfer": (pb.GenerateRequest(tokenized=pb.TokenizedInput(input_ids=text), kv_transfer_params_json="{}"),
+                        INVALID, "kv_transfer_params_json"),
+        "data parallel rank": (pb.GenerateRequest(tokenized=pb.TokenizedInput(input_ids=text), data_parallel_rank=1),
+                               INVALID, "data_parallel_rank"),
         "text input": (pb.GenerateRequest(text="hello", sampling_params=pb.SamplingParams(max_tokens=4)), INVALID, "text"),
         "video batch of image tensors": (
             request(ids, mm=mm(modality=common_pb2.VIDEO), max_tokens=4), INVALID, "missing 'video_grid_thw'"),
@@ -78,7 +104,10 @@ def _bad_requests(oracle, one_image, vocab, max_len):
 CASE_NAMES = [
     "empty ids", "id >= vocab", "prompt over context", "byte length", "unknown dtype", "placeholder count",
     "range out of bounds", "ranges overlap", "grid vs pixel rows", "grid too small", "n over limit",
-    "max_tokens over context", "logprobs over limit", "stop strings", "structured output", "text input",
+    "max_tokens over context", "logprobs over limit", "negative temperature", "negative top_p", "min_p over 1",
+    "empty stop string", "logit_bias outside vocab", "invalid json schema", "json schema not json", "invalid regex",
+    "regex with NUL", "invalid grammar", "empty choice", "json_object false", "invalid structural tag", "truncate 0",
+    "truncate over context", "truncate into image", "kv transfer", "data parallel rank", "text input",
     "video batch of image tensors", "videos over limit", "two image batches", "shm payload", "unexpected tensor",
 ]
 
