@@ -243,7 +243,8 @@ def decode_media(
     """
     kind = MODALITIES.get(mm.modality)
     if kind is None:
-        raise InvalidArgument(f"{where}.modality: {common_pb2.Modality.Name(mm.modality)} is not supported (images and videos)")
+        name = common_pb2.Modality.Name(mm.modality) if mm.modality in common_pb2.Modality.values() else mm.modality
+        raise InvalidArgument(f"{where}.modality: {name} is not supported (images and videos)")
     if mm.HasField("encoder_input_key") and mm.encoder_input_key not in kind.pixel_keys:
         raise InvalidArgument(f"{where}.encoder_input_key: '{mm.encoder_input_key}' is not supported ({' or '.join(kind.pixel_keys)})")
     pad_id = mm.im_token_id if mm.HasField("im_token_id") else getattr(info, f"{kind.name}_token_id")
