@@ -1,6 +1,8 @@
 """Plain data crossing the servicer/engine boundary; no vLLM or gRPC types here."""
 
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -173,3 +175,25 @@ class EngineStats:
     @property
     def prefix_cache_hit_rate(self) -> float:
         return self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
+
+
+class EngineClient(Protocol):
+    """What the servicer needs from an engine (engine_adapter.engine.Engine is the vLLM one)."""
+
+    info: ModelInfo
+    stats: EngineStats
+    version: str
+    ordinary_token_ids: tuple[int, ...]  # stand-ins for image pad values
+    prepare_pixels: Callable[[torch.Tensor], torch.Tensor]  # pixels as the vision tower takes them (blocking)
+    stamp_ids: Callable[[float], Sequence[int]]  # a Qwen3-VL frame timestamp's token ids
+
+    def generate(self, request: EngineRequest) -> AsyncIterator[StepOutput]: ...
+    async def abort(self, request_ids: Sequence[str]) -> None: ...
+    async def reset_prefix_cache(self) -> bool: ...
+    def num_unfinished_requests(self) -> int: ...
+    @property
+    def is_healthy(self) -> bool: ...
+    async def check_health(self) -> None: ...
+    async def start_profile(self, start_step: int | None = None, num_steps: int | None = None) -> None: ...
+    async def stop_profile(self) -> None: ...
+    def shutdown(self) -> None: ...

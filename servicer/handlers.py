@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 
 import grpc
 
-from engine_adapter.engine import Engine
+from engine_adapter.types import EngineClient
 from servicer.config import ServerConfig
 from servicer.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable, status_for
 from servicer import shm, tokenizer_bundle
@@ -75,7 +75,7 @@ def _guard(rpc):
 
 
 class VllmEngineServicer(pb_grpc.VllmEngineServicer):
-    def __init__(self, engine: Engine, config: ServerConfig, metrics: Metrics):
+    def __init__(self, engine: EngineClient, config: ServerConfig, metrics: Metrics):
         self.engine = engine
         self.config = config
         self.metrics = metrics

@@ -9,7 +9,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from engine_adapter.engine import Engine, parse_engine_args, start_engine
+from engine_adapter.types import EngineClient
 from servicer.config import ServerConfig
 from servicer.handlers import VllmEngineServicer
 from servicer.metrics import Metrics
@@ -24,7 +24,7 @@ DRAIN_POLL_S = 0.05
 class Server:
     """The gRPC server, its servicer and health state, bound to one engine."""
 
-    def __init__(self, config: ServerConfig, engine: Engine):
+    def __init__(self, config: ServerConfig, engine: EngineClient):
         limit = config.max_message_mb * 1024 * 1024
         self.grpc = grpc.aio.server(
             options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
@@ -74,7 +74,7 @@ class Server:
         logger.error("engine died; going NOT_SERVING")
 
 
-async def create_server(config: ServerConfig, engine: Engine) -> Server:
+async def create_server(config: ServerConfig, engine: EngineClient) -> Server:
     server = Server(config, engine)
     await server.start()
     return server
@@ -82,6 +82,8 @@ async def create_server(config: ServerConfig, engine: Engine) -> Server:
 
 async def serve(config: ServerConfig) -> int:
     """Start the engine, then the server; run until SIGINT/SIGTERM or engine death. Returns the exit code."""
+    from engine_adapter.engine import parse_engine_args, start_engine  # the vLLM engine, imported only to start it
+
     engine = await start_engine(parse_engine_args(config.model, config.engine_args, config.mm_shm_gb))
     server = await create_server(config, engine)
     stop = asyncio.Event()
