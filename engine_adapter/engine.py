@@ -238,7 +238,7 @@ def _raise_if_failed(step: StepOutput, options: SamplingOptions) -> None:
     failed = [s for s in step.samples if s.finish_reason == "error"]
     if not failed:
         return
-    if options.constraint is not None and step.samples and not any(s.token_ids for s in failed):
+    if options.constraint is not None and not any(s.token_ids for s in failed):
         raise EngineRequestError(f"sampling_params.{options.constraint.kind}: the structured-output backend "
                                  "could not compile it")
     raise EngineRetryableError("the engine failed this request")

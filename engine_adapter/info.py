@@ -2,7 +2,6 @@
 
 from vllm.config import VllmConfig
 from vllm.model_executor.layers.fusion.mm_input_norm import _load_norm_params
-
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.encoder_budget import MultiModalBudget
 

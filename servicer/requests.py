@@ -71,6 +71,11 @@ def _check_length(ids: list[int], info: ModelInfo) -> None:
         )
 
 
+# SamplingOptions' fields that the wire carries under the same name, with their descriptors (looked up once).
+_WIRE_SAMPLING = tuple((f.name, pb.SamplingParams.DESCRIPTOR.fields_by_name[f.name])
+                       for f in dataclasses.fields(SamplingOptions) if f.name in pb.SamplingParams.DESCRIPTOR.fields_by_name)
+
+
 def _given(sp: pb.SamplingParams) -> dict:
     """The request's sampling fields that SamplingOptions knows, by name, where the client set them.
 
@@ -78,17 +83,14 @@ def _given(sp: pb.SamplingParams) -> dict:
     "unset": top_p 0 means 1.0); bools are taken as sent; lists and maps when non-empty.
     """
     given = {}
-    for option in dataclasses.fields(SamplingOptions):
-        wire = pb.SamplingParams.DESCRIPTOR.fields_by_name.get(option.name)
-        if wire is None:
-            continue
-        value = getattr(sp, option.name)
+    for name, wire in _WIRE_SAMPLING:
+        value = getattr(sp, name)
         if wire.message_type is not None and wire.message_type.GetOptions().map_entry:
             value = dict(value)
         elif wire.is_repeated:
             value = tuple(value)
-        if sp.HasField(option.name) if wire.has_presence else (value or wire.type == wire.TYPE_BOOL):
-            given[option.name] = value
+        if sp.HasField(name) if wire.has_presence else (value or wire.type == wire.TYPE_BOOL):
+            given[name] = value
     return given
 
 
