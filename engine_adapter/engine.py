@@ -5,11 +5,12 @@ sees a vLLM object.
 """
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Sequence
 
 import vllm
-from vllm import SamplingParams
+from vllm import PoolingParams, SamplingParams
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.exceptions import GracefulHTTPError, ProfilerAlreadyActiveError, VLLMClientError, VLLMValidationError
 from vllm.utils.argparse_utils import FlexibleArgumentParser
@@ -26,7 +27,9 @@ from engine_adapter.pixels import prepare_pixels
 from engine_adapter.prompt import build_engine_input
 from engine_adapter.sampling import SAMPLING_FIELDS, structured_outputs, to_sampling_params
 from engine_adapter.shm_ring import claim_ring_name
-from engine_adapter.types import Constraint, EngineRequest, EngineStats, ModelInfo, SamplingOptions, StepOutput
+from engine_adapter.types import (
+    Constraint, Embedding, EngineRequest, EngineStats, ModelInfo, SamplingOptions, StepOutput,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -120,19 +123,24 @@ class Engine:
         # otherwise hold it back until its reasoning parser has seen the thought's end.
         reasoning_ended = True if options.grammar_from_first_token and options.constraint else None
         first = True
-        try:
+        with _engine_errors():
             async for output in self._llm.generate(engine_input, sampling, request.request_id,
                                                    reasoning_ended=reasoning_ended):
                 step = to_step_output(output, options.logprobs, options.prompt_logprobs, first)
                 _raise_if_failed(step, options)
                 yield step
                 first = False
-        except VllmEngineDeadError as exc:
-            raise EngineDeadError(str(exc)) from exc
-        except VLLMClientError as exc:
-            raise _request_error(exc) from exc
-        except GracefulHTTPError as exc:  # admission control: the queue or the prefill backlog is full
-            raise EngineCapacityError(exc.message) from exc
+
+    async def embed(self, request: EngineRequest) -> Embedding:
+        """Pool one prompt with the model's pooler (vLLM's `--runner pooling`); cancelling aborts it."""
+        engine_input = build_engine_input(request, self._mm_processor, self._publish if self.shares_mm_by_shm else None)
+        final = None
+        with _engine_errors():
+            async for output in self._llm.encode(engine_input, PoolingParams(task="embed"), request.request_id):
+                final = output
+        if final is None or not final.finished:
+            raise EngineRetryableError("the engine ended the embedding request without a result")
+        return Embedding(tuple(final.outputs.data.float().tolist()), len(final.prompt_token_ids))
 
     def _check_constraint(self, constraint: Constraint | None) -> None:
         """The backend's verdict on the constraint alone, so its errors name the constraint's field
@@ -220,6 +228,19 @@ class Engine:
             # Drop the last reference now: AsyncLLM.__del__ shuts down again, which fails
             # if it only runs at interpreter exit, after vLLM's modules are torn down.
             self._llm = None
+
+
+@contextlib.contextmanager
+def _engine_errors():
+    """vLLM's errors as our own types: the one place an engine call's failure is translated."""
+    try:
+        yield
+    except VllmEngineDeadError as exc:
+        raise EngineDeadError(str(exc)) from exc
+    except VLLMClientError as exc:
+        raise _request_error(exc) from exc
+    except GracefulHTTPError as exc:  # admission control: the queue or the prefill backlog is full
+        raise EngineCapacityError(exc.message) from exc
 
 
 def _request_error(exc: Exception, parameter: str | None = None) -> EngineRequestError:

@@ -54,6 +54,7 @@ def model_info(config: VllmConfig, tokenizer) -> ModelInfo:
     return ModelInfo(
         model_path=model.model,
         served_model_name=model.served_model_name or model.model,
+        runner=model.runner_type,
         model_type=hf.model_type,
         architectures=tuple(model.architectures),
         max_model_len=model.max_model_len,

@@ -70,12 +70,20 @@ class MediaItem:
 
 @dataclass(frozen=True)
 class EngineRequest:
-    """A validated generation request, ready for the engine."""
+    """A validated request, ready for the engine: generation (with sampling) or embedding (without)."""
 
     request_id: str
     prompt_ids: tuple[int, ...]
-    sampling: SamplingOptions
+    sampling: SamplingOptions | None = None
     media: tuple[MediaItem, ...] = ()  # in prompt order
+
+
+@dataclass(frozen=True)
+class Embedding:
+    """The pooled embedding of one prompt."""
+
+    values: tuple[float, ...]
+    prompt_tokens: int
 
 
 @dataclass(frozen=True)
@@ -124,6 +132,7 @@ class ModelInfo:
 
     model_path: str
     served_model_name: str
+    runner: str  # vLLM's runner: "generate" (Generate) or "pooling" (Embed)
     model_type: str
     architectures: tuple[str, ...]
     max_model_len: int
@@ -188,6 +197,7 @@ class EngineClient(Protocol):
     stamp_ids: Callable[[float], Sequence[int]]  # a Qwen3-VL frame timestamp's token ids
 
     def generate(self, request: EngineRequest) -> AsyncIterator[StepOutput]: ...
+    async def embed(self, request: EngineRequest) -> Embedding: ...
     async def abort(self, request_ids: Sequence[str]) -> None: ...
     async def reset_prefix_cache(self) -> bool: ...
     def num_unfinished_requests(self) -> int: ...

@@ -7,6 +7,7 @@ engine stream, which aborts the request in the engine.
 """
 
 import asyncio
+import contextlib
 import functools
 import json
 import logging
@@ -106,52 +107,89 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
         request_id = request.request_id or uuid.uuid4().hex
         state = InFlight(request_id, time.monotonic(), request.stream)
         try:
-            self._admit(request_id)
-            self.in_flight[request_id] = state
-            with self.metrics.decode.time():
-                decoded = await asyncio.get_running_loop().run_in_executor(
-                    self._decode_pool, self.decoder.decode, request, request_id
-                )
-            for transport, nbytes in decoded.mm_bytes.items():
-                self.metrics.mm_bytes.labels(transport).inc(nbytes)
-            engine_request = decoded.engine
-            state.prompt_tokens = len(engine_request.prompt_ids)
-            if engine_request.media:
-                # The identities a caller may later send instead of pixels (reference by hash).
-                await context.send_initial_metadata(
-                    (("vlm-mm-identities", ",".join(i.identity for i in engine_request.media)),)
-                )
-            # Prompt logprobs are reported against the prompt as the engine ran it (placeholders
-            # expanded), with the caller's own token ids (never the pad values).
-            encoder = StreamEncoder(decoded.prompt_ids) if request.stream else None
-            accumulated = Accumulator(decoded.prompt_ids) if not request.stream else None
-            async for step in self.engine.generate(engine_request):
-                state.cached_tokens = step.cached_tokens
-                state.completion_tokens += sum(len(s.token_ids) for s in step.samples)
-                state.finish_reason = next((s.finish_reason for s in step.samples if s.finish_reason), state.finish_reason)
-                if encoder is not None:
-                    for response in encoder.encode(step):
+            with self._tracked(state, context):
+                if self.engine.info.runner != "generate":
+                    raise FailedPrecondition(f"Generate: this engine runs vLLM's {self.engine.info.runner} runner "
+                                             "(--runner pooling): it serves Embed; start one with --runner generate "
+                                             "to generate")
+                decoded = await self._decode(self.decoder.decode, request, request_id)
+                engine_request = decoded.engine
+                state.prompt_tokens = len(engine_request.prompt_ids)
+                await self._send_identities(decoded, context)
+                # Prompt logprobs are reported against the prompt as the engine ran it (placeholders
+                # expanded), with the caller's own token ids (never the pad values).
+                encoder = StreamEncoder(decoded.prompt_ids) if request.stream else None
+                accumulated = Accumulator(decoded.prompt_ids) if not request.stream else None
+                async for step in self.engine.generate(engine_request):
+                    state.cached_tokens = step.cached_tokens
+                    state.completion_tokens += sum(len(s.token_ids) for s in step.samples)
+                    state.finish_reason = next((s.finish_reason for s in step.samples if s.finish_reason),
+                                               state.finish_reason)
+                    if encoder is not None:
+                        for response in encoder.encode(step):
+                            state.first_response = state.first_response or time.monotonic()
+                            yield response
+                    else:
+                        accumulated.add(step)
+                if accumulated is not None:
+                    for response in accumulated.completes():
                         state.first_response = state.first_response or time.monotonic()
                         yield response
-                else:
-                    accumulated.add(step)
-            if accumulated is not None:
-                for response in accumulated.completes():
-                    state.first_response = state.first_response or time.monotonic()
-                    yield response
+        except Exception as exc:
+            if isinstance(exc, grpc.aio.AbortError):
+                raise
+            await _fail(context, exc, f"Generate {request_id}")
+
+    @_guard
+    async def Embed(self, request: pb.EmbedRequest, context) -> pb.EmbedResponse:
+        self.last_receive = time.time()
+        state = InFlight(request.request_id or uuid.uuid4().hex, time.monotonic(), False)
+        with self._tracked(state, context):
+            if self.engine.info.runner != "pooling":
+                raise FailedPrecondition("Embed: this engine runs vLLM's generate runner; start it with --runner "
+                                         "pooling (and --convert embed for a generative checkpoint) to serve embeddings")
+            decoded = await self._decode(self.decoder.decode_embed, request, state.request_id)
+            state.prompt_tokens = len(decoded.engine.prompt_ids)
+            await self._send_identities(decoded, context)
+            embedding = await self.engine.embed(decoded.engine)
+            state.first_response, state.finish_reason = time.monotonic(), "pooled"
+            return pb.EmbedResponse(embedding=embedding.values, prompt_tokens=embedding.prompt_tokens,
+                                    embedding_dim=len(embedding.values))
+
+    @contextlib.contextmanager
+    def _tracked(self, state: InFlight, context: grpc.aio.ServicerContext):
+        """Admit a request, keep it in flight while it runs, then record its outcome (status, tokens, latency)."""
+        try:
+            self._admit(state.request_id)
+            self.in_flight[state.request_id] = state
+            yield
         except asyncio.CancelledError:
             remaining = context.time_remaining()
             state.code = "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
             raise
         except Exception as exc:
-            if isinstance(exc, grpc.aio.AbortError):
-                raise
-            state.code = status_for(exc)[0].name
-            await _fail(context, exc, f"Generate {request_id}")
+            if not isinstance(exc, grpc.aio.AbortError):
+                state.code = status_for(exc)[0].name
+            raise
         finally:
-            if self.in_flight.get(request_id) is state:
-                del self.in_flight[request_id]
+            if self.in_flight.get(state.request_id) is state:
+                del self.in_flight[state.request_id]
             self._record(state)
+
+    async def _decode(self, decode, request, request_id: str):
+        """Validate and convert off the event loop (tensor decode and hashing block)."""
+        with self.metrics.decode.time():
+            decoded = await asyncio.get_running_loop().run_in_executor(self._decode_pool, decode, request, request_id)
+        for transport, nbytes in decoded.mm_bytes.items():
+            self.metrics.mm_bytes.labels(transport).inc(nbytes)
+        return decoded
+
+    @staticmethod
+    async def _send_identities(decoded, context: grpc.aio.ServicerContext) -> None:
+        """The identities a caller may later send instead of pixels (reference by hash)."""
+        if decoded.engine.media:
+            await context.send_initial_metadata(
+                (("vlm-mm-identities", ",".join(i.identity for i in decoded.engine.media)),))
 
     def _record(self, state: InFlight) -> None:
         """Metrics and the one log line per request."""
@@ -202,7 +240,7 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
         info = self.engine.info
         return pb.GetModelInfoResponse(
             model_path=info.model_path,
-            is_generation=True,
+            is_generation=info.runner == "generate",
             max_context_length=info.max_model_len,
             vocab_size=info.vocab_size,
             supports_vision=info.supports_vision,

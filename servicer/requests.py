@@ -1,4 +1,4 @@
-"""GenerateRequest -> EngineRequest: every check a client can fail, each naming its field."""
+"""GenerateRequest / EmbedRequest -> EngineRequest: every check a client can fail, each naming its field."""
 
 import dataclasses
 from collections.abc import Callable, Sequence
@@ -64,10 +64,12 @@ def _check_ids(ids: list[int], info: ModelInfo) -> None:
         )
 
 
-def _check_length(ids: list[int], info: ModelInfo) -> None:
-    if len(ids) >= info.max_model_len:
+def _check_length(ids: list[int], info: ModelInfo, room: int = 1) -> None:
+    """The prompt fits the context with `room` tokens to spare (1 to generate, 0 to pool)."""
+    if len(ids) + room > info.max_model_len:
         raise InvalidArgument(
-            f"tokenized.input_ids: prompt of {len(ids)} tokens leaves no room in the context of {info.max_model_len}"
+            f"tokenized.input_ids: prompt of {len(ids)} tokens "
+            f"{'leaves no room in' if room else 'exceeds'} the context of {info.max_model_len}"
         )
 
 
@@ -137,7 +139,7 @@ def _tensors(batches: list[pb.MultimodalInputs]):
         yield from mm.model_specific_tensors.values()
 
 
-def _batches(request: pb.GenerateRequest) -> list[tuple[str, pb.MultimodalInputs]]:
+def _batches(request: pb.GenerateRequest | pb.EmbedRequest) -> list[tuple[str, pb.MultimodalInputs]]:
     """(field name, batch): `mm_inputs`, then `extra_mm_inputs[i]`; at most one batch per modality."""
     batches = ([("mm_inputs", request.mm_inputs)] if request.HasField("mm_inputs") else []) + [
         (f"extra_mm_inputs[{i}]", mm) for i, mm in enumerate(request.extra_mm_inputs)]
@@ -176,6 +178,22 @@ class RequestDecoder:
         _refuse_unsupported(request)
         if request.WhichOneof("input") != "tokenized":
             raise InvalidArgument("tokenized: missing (this servicer takes token ids)")
+        ids, media, batches = self._prompt(request)
+        ids, media = _truncate(ids, media, request.sampling_params, self.info)
+        _check_length(ids, self.info)
+        sampling = sampling_options(request.sampling_params, len(ids), self.info, self.max_n)
+        return self._decoded(request_id, ids, media, sampling, batches)
+
+    def decode_embed(self, request: pb.EmbedRequest, request_id: str) -> DecodedRequest:
+        """An EmbedRequest through the same checks (no sampling); blocking like `decode`."""
+        if not request.HasField("tokenized"):
+            raise InvalidArgument("tokenized: missing (this servicer takes token ids)")
+        ids, media, batches = self._prompt(request)
+        _check_length(ids, self.info, room=0)  # a pooled prompt generates nothing
+        return self._decoded(request_id, ids, media, None, batches)
+
+    def _prompt(self, request) -> tuple[list[int], list[MediaItem], list[tuple[str, pb.MultimodalInputs]]]:
+        """The ids with every image and video placed and expanded, for a Generate or an Embed request."""
         ids = list(request.tokenized.input_ids)
         _check_ids(ids, self.info)
         batches = _batches(request)
@@ -191,9 +209,10 @@ class RequestDecoder:
             if a.offset + a.length > b.offset:
                 raise InvalidArgument(f"mm_inputs.mm_placeholders: the {a.modality} at {a.offset} (length {a.length}) "
                                       f"overlaps the {b.modality} at {b.offset}")
-        ids, media = _truncate(ids, media, request.sampling_params, self.info)
-        _check_length(ids, self.info)
-        sampling = sampling_options(request.sampling_params, len(ids), self.info, self.max_n)
+        return ids, media, batches
+
+    def _decoded(self, request_id: str, ids: list[int], media: list[MediaItem], sampling: SamplingOptions | None,
+                 batches: list[tuple[str, pb.MultimodalInputs]]) -> DecodedRequest:
         engine_ids = engine_prompt_ids(ids, media, self.images, self.info)
         engine = EngineRequest(request_id=request_id, prompt_ids=tuple(engine_ids), sampling=sampling, media=tuple(media))
         mm_bytes: dict[str, int] = {}

@@ -95,21 +95,31 @@ class Oracle:
         blocks = [self.image_block(expand[i] if expand else 1) for i in range(num_images)]
         return self.prompt(text, blocks, prefix)[0]
 
-    @torch.no_grad()
-    def log_softmax(self, ids: list[int], images: Images | None, videos: Videos | None = None) -> torch.Tensor:
-        """[len(ids), vocab] logprobs of the next token at every position."""
+    def _inputs(self, ids: list[int], images: Images | None, videos: Videos | None) -> dict:
         input_ids = torch.tensor([ids])
-        kwargs = {}
+        kwargs = {"input_ids": input_ids}
         if images is not None:
             kwargs |= {"pixel_values": images.pixel_values, "image_grid_thw": images.grid}
         if videos is not None:
             kwargs |= {"pixel_values_videos": videos.pixel_values, "video_grid_thw": videos.grid}
             if self.family == "qwen2_5_vl":
                 kwargs["second_per_grid_ts"] = videos.seconds_per_grid
-        if kwargs:  # mm_token_type_ids: 1 marks image, 2 video positions for HF's M-RoPE
+        if len(kwargs) > 1:  # mm_token_type_ids: 1 marks image, 2 video positions for HF's M-RoPE
             kwargs["mm_token_type_ids"] = (input_ids == self.pad).to(torch.int64) + 2 * (input_ids == self.video_pad)
-        logits = self.model(input_ids=input_ids, **kwargs).logits[0]
+        return kwargs
+
+    @torch.no_grad()
+    def log_softmax(self, ids: list[int], images: Images | None, videos: Videos | None = None) -> torch.Tensor:
+        """[len(ids), vocab] logprobs of the next token at every position."""
+        logits = self.model(**self._inputs(ids, images, videos)).logits[0]
         return torch.log_softmax(logits.to(torch.float32), dim=-1)
+
+    @torch.no_grad()
+    def embedding(self, ids: list[int], images: Images | None = None) -> torch.Tensor:
+        """The last token's final hidden state (after the decoder's norm), L2-normalised: what vLLM's
+        pooling runner returns for a generative checkpoint converted to embeddings (LAST pooling)."""
+        hidden = self.model.model(**self._inputs(ids, images, None)).last_hidden_state[0, -1].to(torch.float32)
+        return torch.nn.functional.normalize(hidden, dim=-1)
 
     @torch.no_grad()
     def greedy(self, ids: list[int], images: Images | None, n: int, videos: Videos | None = None):

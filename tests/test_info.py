@@ -56,7 +56,7 @@ async def test_loads_and_flush_cache(stub, oracle):
 
 
 async def test_unknown_rpc_is_unimplemented(channel):
-    call = channel.unary_unary("/vllm.grpc.engine.VllmEngine/Embed")
+    call = channel.unary_stream("/vllm.grpc.engine.VllmEngine/SubscribeKvEvents")
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        await call(b"")
+        [m async for m in call(b"")]
     assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
