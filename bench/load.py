@@ -27,6 +27,7 @@ from typing import Callable
 import grpc
 from google.protobuf import descriptor_pool, json_format, message_factory
 
+from servicer.tensors import encode_tensor
 from vlm_proto import common_pb2, vllm_engine_pb2 as pb, vllm_engine_pb2_grpc  # noqa: F401  (registers the types)
 
 PERCENTILES = (10, 25, 50, 75, 90, 95, 99)
@@ -315,11 +316,10 @@ def image_request(processor, image, question: str, max_tokens: int, request_id: 
     ids = tok.encode(before, add_special_tokens=False)
     offset = len(ids)
     ids += [pad] * n + tok.encode(after, add_special_tokens=False)
-    tensor = lambda a, dt: pb.TensorData(shape=list(a.shape), dtype=dt, inline=np.ascontiguousarray(a).tobytes())  # noqa: E731
     mm = pb.MultimodalInputs(
-        pixel_values=tensor(pixels, "uint8" if raw_uint8 else "float32"),
-        model_specific_tensors={"image_grid_thw": tensor(grid, "int64"),
-                                "patches_per_image": tensor(np.array([pixels.shape[0]], "<i8"), "int64")},
+        pixel_values=encode_tensor(pixels),
+        model_specific_tensors={"image_grid_thw": encode_tensor(grid),
+                                "patches_per_image": encode_tensor(np.array([pixels.shape[0]], "<i8"))},
         im_token_id=pad, mm_placeholders=[pb.PlaceholderRange(offset=offset, length=n)],
         mm_hashes=[hashlib.sha256(np.asarray(image).tobytes()).hexdigest()],
         batched_keys=["image_grid_thw", "patches_per_image"], flat_keys={"pixel_values": "patches_per_image"},

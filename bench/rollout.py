@@ -21,15 +21,12 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor
 
+from servicer.tensors import encode_tensor
 from vlm_proto import common_pb2, vllm_engine_pb2 as pb, vllm_engine_pb2_grpc as pb_grpc
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ENGINE_ARGS = ["--dtype", "float32", "--max-model-len", "4096", "--enforce-eager",
                "--kv-cache-memory-bytes", str(2 << 30), "--limit-mm-per-prompt", '{"image": 16, "video": 0}']
-
-
-def _tensor(a: np.ndarray, dtype: str) -> pb.TensorData:
-    return pb.TensorData(shape=list(a.shape), dtype=dtype, inline=np.ascontiguousarray(a).tobytes())
 
 
 class Conversation:
@@ -65,9 +62,9 @@ class Conversation:
         sent = np.concatenate(self.pixels[known:])
         starts = [i for i, t in enumerate(self.ids) if t == self.vs]
         mm = pb.MultimodalInputs(
-            pixel_values=_tensor(sent, "uint8"),
-            model_specific_tensors={"image_grid_thw": _tensor(np.concatenate(self.grids), "int64"),
-                                    "patches_per_image": _tensor(np.array(rows, dtype=np.int64), "int64")},
+            pixel_values=encode_tensor(sent.astype(np.uint8)),
+            model_specific_tensors={"image_grid_thw": encode_tensor(np.concatenate(self.grids).astype(np.int64)),
+                                    "patches_per_image": encode_tensor(np.array(rows, dtype=np.int64))},
             im_token_id=self.pad,
             mm_placeholders=[pb.PlaceholderRange(offset=s + 1, length=int(g.prod()) // 4) for s, g in zip(starts, self.grids)],
             mm_hashes=self.identities[:known] + [""] * (len(self.grids) - known),

@@ -23,6 +23,7 @@ import numpy as np
 from transformers import AutoProcessor
 
 from bench.side_by_side import ENGINE_ARGS, ROOT, Server, free_port
+from servicer.tensors import encode_tensor
 from vlm_proto import common_pb2, vllm_engine_pb2 as pb, vllm_engine_pb2_grpc as pb_grpc
 
 MODEL = str(ROOT / "models" / "tiny-qwen2-vl")
@@ -78,10 +79,10 @@ class Batch:
             pixels = pb.TensorData(shape=list(self.pixels.shape), dtype="float32",
                                    shm=common_pb2.ShmHandle(name=name, offset=0, nbytes=len(raw), owner_id="bench"))
         else:
-            name, pixels = None, pb.TensorData(shape=list(self.pixels.shape), dtype="float32", inline=raw)
-        t = lambda a: pb.TensorData(shape=list(a.shape), dtype="int64", inline=a.tobytes())  # noqa: E731
+            name, pixels = None, encode_tensor(self.pixels)
         mm = pb.MultimodalInputs(
-            pixel_values=pixels, model_specific_tensors={"image_grid_thw": t(self.grid), "patches_per_image": t(self.rows)},
+            pixel_values=pixels,
+            model_specific_tensors={"image_grid_thw": encode_tensor(self.grid), "patches_per_image": encode_tensor(self.rows)},
             im_token_id=self.pad, mm_placeholders=[pb.PlaceholderRange(offset=o, length=n) for o, n in self.ranges],
             mm_hashes=[f"{tag}-{i}".ljust(64, "0") for i in range(len(self.rows))],
             batched_keys=["image_grid_thw", "patches_per_image"], flat_keys={"pixel_values": "patches_per_image"},

@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from transformers import AutoProcessor
 
+from servicer.tensors import encode_tensor
 from vlm_proto import vllm_engine_pb2 as pb, vllm_engine_pb2_grpc as pb_grpc
 
 
@@ -46,8 +47,7 @@ def main() -> None:
     pixels = feats["pixel_values"].astype(np.uint8)
     grid = feats["image_grid_thw"].astype("<i8")
     mm = pb.MultimodalInputs(
-        pixel_values=pb.TensorData(shape=list(pixels.shape), dtype="uint8", inline=pixels.tobytes()),
-        model_specific_tensors={"image_grid_thw": pb.TensorData(shape=list(grid.shape), dtype="int64", inline=grid.tobytes())},
+        pixel_values=encode_tensor(pixels), model_specific_tensors={"image_grid_thw": encode_tensor(grid)},
     )
     request = pb.GenerateRequest(
         request_id="example-1",

@@ -1,13 +1,15 @@
-"""Decode `TensorData` (little-endian bytes + shape + dtype) into torch tensors.
+"""`TensorData` (little-endian bytes + shape + dtype) to torch tensors and back.
 
 One allow-list of dtypes, an exact byte-length check, and no copy: the tensor
 views the message's bytes (inline) or the gateway's shared-memory segment (shm)
-until the single cast to the model dtype.
+until the single cast to the model dtype. `encode_tensor` is the client side
+(tests, benchmarks, examples).
 """
 
 import math
 import warnings
 
+import numpy as np
 import torch
 
 from servicer.errors import FailedPrecondition, InvalidArgument
@@ -31,6 +33,18 @@ class SegmentGone(FailedPrecondition):
         super().__init__(f"{field}.shm: segment {name!r} no longer exists (consumed by an earlier attempt?); resend the tensor",
                          metadata=(("vlm-missing-shm-segments", name),))
         self.name = name
+
+
+def encode_tensor(t: torch.Tensor | np.ndarray, dtype: str | None = None) -> pb.TensorData:
+    """Inline TensorData of a tensor or array; `dtype` overrides the name (bfloat16 is sent as its raw bits)."""
+    if isinstance(t, np.ndarray):
+        t = torch.from_numpy(np.ascontiguousarray(t))
+    t = t.contiguous()
+    name = dtype or str(t.dtype).removeprefix("torch.")
+    if name not in DTYPES:
+        raise ValueError(f"dtype {name!r} is not on the wire (allowed: {', '.join(DTYPES)})")
+    raw = t.view(torch.int16) if t.dtype == torch.bfloat16 else t
+    return pb.TensorData(shape=list(t.shape), dtype=name, inline=raw.numpy().tobytes())
 
 
 def decode_tensor(field: str, tensor: pb.TensorData, unlink_shm: bool = True) -> torch.Tensor:

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from servicer.tensors import encode_tensor
 from vlm_proto import common_pb2, vllm_engine_pb2 as pb
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -34,12 +35,7 @@ def image(width: int, height: int, seed: int) -> Image.Image:
     return Image.fromarray(((base + noise) % 256).astype(np.uint8))
 
 
-def tensor(t: torch.Tensor, dtype: str | None = None) -> pb.TensorData:
-    """Inline little-endian TensorData; `dtype` overrides the name (bfloat16 via its raw bits)."""
-    t = t.contiguous()
-    name = dtype or str(t.dtype).removeprefix("torch.")
-    raw = t.view(torch.int16) if t.dtype == torch.bfloat16 else t
-    return pb.TensorData(shape=list(t.shape), dtype=name, inline=raw.numpy().tobytes())
+tensor = encode_tensor  # the tests' short name for the one encoder
 
 
 def mm_inputs(pixel_values: torch.Tensor, grid: torch.Tensor, **extra) -> pb.MultimodalInputs:

@@ -5,7 +5,7 @@ import torch
 
 from servicer.errors import InvalidArgument
 from servicer.tensors import decode_tensor
-from tests.fixtures import tensor
+from servicer.tensors import encode_tensor as tensor
 from vlm_proto import common_pb2, vllm_engine_pb2 as pb
 
 
