@@ -22,13 +22,14 @@ from engine_adapter.errors import (
     EngineCapacityError, EngineDeadError, EngineRequestError, EngineRetryableError, EngineStateError,
 )
 from engine_adapter.info import model_info, ordinary_token_ids, pixel_norm
+from engine_adapter.kv_events import KvEventRelay
 from engine_adapter.outputs import to_step_output
 from engine_adapter.pixels import prepare_pixels
 from engine_adapter.prompt import build_engine_input
 from engine_adapter.sampling import SAMPLING_FIELDS, structured_outputs, to_sampling_params
 from engine_adapter.shm_ring import claim_ring_name
 from engine_adapter.types import (
-    Constraint, Embedding, EngineRequest, EngineStats, ModelInfo, SamplingOptions, StepOutput,
+    Constraint, Embedding, EngineRequest, EngineStats, KvBatch, ModelInfo, SamplingOptions, StepOutput,
 )
 
 logger = logging.getLogger(__name__)
@@ -79,6 +80,7 @@ class Engine:
         self._norm = pixel_norm(llm.vllm_config)
         self._mm_processor = llm.renderer.get_mm_processor() if self.info.supports_vision else None
         self.version = vllm.__version__
+        self._kv_relay: KvEventRelay | None = None
         self.ordinary_token_ids = ordinary_token_ids(self._tokenizer, self.info.vocab_size)
         mm_config = llm.vllm_config.model_config.multimodal_config
         # With vLLM's shared-memory processor cache, each image is written once per identity
@@ -201,6 +203,18 @@ class Engine:
             raise EngineStateError("no profiler configured: start the servicer with vLLM's --profiler-config")
         await self._llm.stop_profile()
 
+    def start_kv_events(self) -> None:
+        """Start relaying the engine's KV events (with --kv-events-config; call on the serving event loop)."""
+        if self.info.kv_events and self._kv_relay is None:
+            self._kv_relay = KvEventRelay(self._llm.get_kv_event_sources())
+
+    def kv_events(self, start: int) -> AsyncIterator[KvBatch]:
+        """The engine's KV-cache events after `start` (0: from now on), every data-parallel rank's."""
+        if self._kv_relay is None:
+            raise EngineStateError("no KV events: start the engine with --kv-events-config "
+                                   "'{\"enable_kv_cache_events\": true, \"publisher\": \"zmq\"}'")
+        return self._kv_relay.subscribe(start)
+
     async def abort(self, request_ids: Sequence[str]) -> None:
         await self._llm.abort(list(request_ids))
 
@@ -223,6 +237,9 @@ class Engine:
 
     def shutdown(self) -> None:
         """Stop the engine core processes. Idempotent."""
+        if self._kv_relay is not None:
+            self._kv_relay.close()
+            self._kv_relay = None
         if self._llm is not None:
             self._llm.shutdown()
             # Drop the last reference now: AsyncLLM.__del__ shuts down again, which fails

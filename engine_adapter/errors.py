@@ -19,3 +19,7 @@ class EngineRetryableError(RuntimeError):
 
 class EngineStateError(RuntimeError):
     """The engine is not configured, or not in the state, this call needs (the message says which flag or call)."""
+
+
+class EngineCursorError(RuntimeError):
+    """A stream position the engine can no longer (or cannot yet) serve from; start over from the beginning."""

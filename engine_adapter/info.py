@@ -93,6 +93,8 @@ def model_info(config: VllmConfig, tokenizer) -> ModelInfo:
         kv_role=(kv and kv.kv_role) or "",
         kv_engine_id=(kv and kv.engine_id) or "",
         profiler=config.profiler_config.profiler or "",
+        kv_events=bool(config.kv_events_config and config.kv_events_config.enable_kv_cache_events
+                       and config.kv_events_config.publisher == "zmq"),
     )
 
 

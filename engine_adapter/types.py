@@ -167,6 +167,50 @@ class ModelInfo:
     kv_role: str
     kv_engine_id: str
     profiler: str  # "" without --profiler-config
+    kv_events: bool  # --kv-events-config enables vLLM's ZMQ publisher
+
+
+@dataclass(frozen=True)
+class KvBlock:
+    """One KV block the engine stored: its hash (int64), its tokens as the engine ran them, and the other
+    inputs of its hash (text, bytes, numbers, or (identifier, offset) of a multimodal item in it)."""
+
+    block_hash: int
+    token_ids: tuple[int, ...]
+    extra_keys: tuple = ()
+
+
+@dataclass(frozen=True)
+class KvStored:
+    blocks: tuple[KvBlock, ...]
+    parent_hash: int | None
+    block_size: int
+    medium: str | None  # "GPU", "CPU", "STORAGE"
+    lora_name: str | None
+    group_idx: int | None
+    spec_kind: str | None  # "full_attention", "sliding_window", ...
+
+
+@dataclass(frozen=True)
+class KvRemoved:
+    block_hashes: tuple[int, ...]
+    medium: str | None
+    group_idx: int | None
+
+
+@dataclass(frozen=True)
+class KvCleared:
+    pass
+
+
+@dataclass(frozen=True)
+class KvBatch:
+    """One publisher message: the KV events of one scheduler step on one data-parallel rank."""
+
+    sequence: int  # the publisher's own, per rank, from 0
+    timestamp: float
+    rank: int
+    events: tuple[KvStored | KvRemoved | KvCleared, ...]
 
 
 @dataclass
@@ -206,4 +250,6 @@ class EngineClient(Protocol):
     async def check_health(self) -> None: ...
     async def start_profile(self, start_step: int | None = None, num_steps: int | None = None) -> None: ...
     async def stop_profile(self) -> None: ...
+    def start_kv_events(self) -> None: ...
+    def kv_events(self, start: int) -> AsyncIterator[KvBatch]: ...
     def shutdown(self) -> None: ...

@@ -8,7 +8,8 @@ Anything that is not one of these is our bug: INTERNAL, never blamed on the clie
 import grpc
 
 from engine_adapter.errors import (
-    EngineCapacityError, EngineDeadError, EngineRequestError, EngineRetryableError, EngineStateError,
+    EngineCapacityError, EngineCursorError, EngineDeadError, EngineRequestError, EngineRetryableError,
+    EngineStateError,
 )
 
 
@@ -40,6 +41,12 @@ class FailedPrecondition(ServicerError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class Unimplemented(ServicerError):
+    """An optional part of the contract this deployment does not run (the message says which flag enables it)."""
+
+    code = grpc.StatusCode.UNIMPLEMENTED
+
+
 class Unavailable(ServicerError):
     """The engine is not (or no longer) able to serve."""
 
@@ -58,6 +65,8 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str, tuple[tuple[st
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc), ()
     if isinstance(exc, EngineRetryableError):
         return grpc.StatusCode.UNAVAILABLE, f"{exc}; retry", ()
+    if isinstance(exc, EngineCursorError):
+        return grpc.StatusCode.OUT_OF_RANGE, str(exc), ()
     if isinstance(exc, EngineStateError):
         return grpc.StatusCode.FAILED_PRECONDITION, str(exc), ()
     return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}", ()

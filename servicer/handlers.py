@@ -9,6 +9,7 @@ engine stream, which aborts the request in the engine.
 import asyncio
 import contextlib
 import functools
+import itertools
 import json
 import logging
 import time
@@ -21,9 +22,12 @@ import grpc
 
 from engine_adapter.types import EngineClient
 from servicer.config import ServerConfig
-from servicer.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable, status_for
+from servicer.errors import (
+    FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable, Unimplemented, status_for,
+)
 from servicer import shm, tokenizer_bundle
 from servicer.image_store import ImageStore
+from servicer.kv_events import MediaTokens, kv_event_batch
 from servicer.shm import ConsumedSegments
 from servicer.metrics import Metrics
 from servicer.multimodal import ImagePolicy
@@ -96,6 +100,8 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
         )
         self.shm_namespace_id = shm.namespace_id()
         self._tokenizer_bundle: tokenizer_bundle.Bundle | None = None
+        # The caller's ids of each image's range, for KV events (only needed where the engine ran pad values).
+        self.media_tokens = MediaTokens() if engine.info.kv_events and config.mm_pad_values else None
         self.decoder = RequestDecoder(engine.info, config.max_n, engine.prepare_pixels, policy, engine.stamp_ids)
         metrics.bind(lambda: len(self.in_flight), lambda: engine.stats.prefix_cache_hit_rate, self.image_store)
 
@@ -156,6 +162,20 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
             return pb.EmbedResponse(embedding=embedding.values, prompt_tokens=embedding.prompt_tokens,
                                     embedding_dim=len(embedding.values))
 
+    async def SubscribeKvEvents(self, request: common_pb2.SubscribeKvEventsRequest, context):
+        """vLLM's KV-cache events as they happen (after `start_sequence_number`, from the relay's history)."""
+        try:
+            if not self.engine.info.kv_events:  # SMG stops subscribing on UNIMPLEMENTED; it retries anything else
+                raise Unimplemented("KV cache events are off: start the engine with --kv-events-config "
+                                    "'{\"enable_kv_cache_events\": true, \"publisher\": \"zmq\"}'")
+            event_ids = itertools.count(1).__next__
+            async for batch in self.engine.kv_events(request.start_sequence_number):
+                yield kv_event_batch(batch, self.media_tokens, event_ids)
+        except Exception as exc:
+            if isinstance(exc, grpc.aio.AbortError):
+                raise
+            await _fail(context, exc, "SubscribeKvEvents")
+
     @contextlib.contextmanager
     def _tracked(self, state: InFlight, context: grpc.aio.ServicerContext):
         """Admit a request, keep it in flight while it runs, then record its outcome (status, tokens, latency)."""
@@ -182,6 +202,9 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
             decoded = await asyncio.get_running_loop().run_in_executor(self._decode_pool, decode, request, request_id)
         for transport, nbytes in decoded.mm_bytes.items():
             self.metrics.mm_bytes.labels(transport).inc(nbytes)
+        if self.media_tokens is not None:
+            for item in decoded.engine.media:
+                self.media_tokens.remember(item.identity, decoded.prompt_ids[item.offset:item.offset + item.length])
         return decoded
 
     @staticmethod

@@ -44,6 +44,7 @@ class Server:
         if self.config.metrics_port is not None:
             self.metrics_port = self.metrics.serve(self.config.host, self.config.metrics_port)
             logger.info("metrics on http://%s:%d/metrics", self.config.host, self.metrics_port)
+        self.engine.start_kv_events()
         await self.grpc.start()
         await self._set_serving(health_pb2.HealthCheckResponse.SERVING)
         logger.info("serving %s on %s:%d", self.engine.info.served_model_name, self.config.host, self.port)

@@ -31,8 +31,8 @@ async def _start_engine(path, engine_args=ENGINE_ARGS):
     return await start_engine(parse_engine_args(str(path), list(engine_args)))
 
 
-# The session engine also runs vLLM's profiler (idle until StartProfile) and generation-config
-# defaults a gateway reads from GetModelInfo.
+# The session engine also runs vLLM's profiler (idle until StartProfile), generation-config defaults a
+# gateway reads from GetModelInfo, and vLLM's KV-event publisher (on local ipc sockets).
 GENERATION_DEFAULTS = {"top_k": 20, "top_p": 0.9}
 
 
@@ -41,11 +41,19 @@ def profile_dir(tmp_path_factory) -> str:
     return str(tmp_path_factory.mktemp("profile"))
 
 
+@pytest.fixture(scope="session")
+def kv_events_config(tmp_path_factory) -> dict:
+    where = tmp_path_factory.mktemp("kv")
+    return {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": f"ipc://{where}/events",
+            "replay_endpoint": f"ipc://{where}/replay"}
+
+
 @pytest_asyncio.fixture(scope="session")
-async def engine(model_path, profile_dir):
+async def engine(model_path, profile_dir, kv_events_config):
     engine = await _start_engine(model_path, ENGINE_ARGS + (
         "--profiler-config", json.dumps({"profiler": "torch", "torch_profiler_dir": profile_dir}),
-        "--override-generation-config", json.dumps(GENERATION_DEFAULTS)))
+        "--override-generation-config", json.dumps(GENERATION_DEFAULTS),
+        "--kv-events-config", json.dumps(kv_events_config)))
     yield engine
     engine.shutdown()
 

@@ -56,7 +56,7 @@ async def test_loads_and_flush_cache(stub, oracle):
 
 
 async def test_unknown_rpc_is_unimplemented(channel):
-    call = channel.unary_stream("/vllm.grpc.engine.VllmEngine/SubscribeKvEvents")
+    call = channel.unary_stream("/vllm.grpc.engine.VllmEngine/SubscribeMoonPhases")
     with pytest.raises(grpc.aio.AioRpcError) as err:
         [m async for m in call(b"")]
     assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED

@@ -73,8 +73,7 @@ def test_service_methods_match_smg(smg_pool):
         assert method.input_type.full_name == theirs.input_type.full_name
         assert method.output_type.full_name == theirs.output_type.full_name
         assert (method.client_streaming, method.server_streaming) == (theirs.client_streaming, theirs.server_streaming)
-    # Every RPC of the contract but one, with its own issue (KV events, for scale-out).
-    assert {m.name for m in smg.methods} - {m.name for m in our.methods} == {"SubscribeKvEvents"}
+    assert {m.name for m in smg.methods} == {m.name for m in our.methods}  # every RPC of the contract
 
 
 def _examples():
@@ -96,6 +95,13 @@ def _examples():
     )
     yield ours.GenerateRequest(request_id="r", tokenized=ours.TokenizedInput(original_text="x", input_ids=[1, 2, 3]),
                                sampling_params=sp, stream=True, mm_inputs=mm, extra_mm_inputs=[mm])
+    yield common_pb2.KvEventBatch(sequence_number=7, timestamp=1.5, dp_rank=0, events=[
+        common_pb2.KvCacheEvent(event_id=1, stored=common_pb2.KvBlocksStored(
+            blocks=[common_pb2.KvBlock(block_hash=-5, token_ids=[1, 2], block_size=2, extra_keys=[
+                common_pb2.KvBlockExtraKey(multimodal=common_pb2.KvMultimodalKey(identifier="ab", offset=-1))])],
+            parent_block_hash=9, tier=common_pb2.KV_CACHE_TIER_DEVICE, locality=common_pb2.KV_CACHE_LOCALITY_LOCAL)),
+        common_pb2.KvCacheEvent(event_id=2, removed=common_pb2.KvBlocksRemoved(block_hashes=[-5])),
+        common_pb2.KvCacheEvent(event_id=3, cleared=common_pb2.KvCacheCleared())])
     yield ours.EmbedRequest(request_id="e", tokenized=ours.TokenizedInput(input_ids=[1, 2, 3]))
     yield ours.EmbedResponse(embedding=[0.5, -0.25], prompt_tokens=3, embedding_dim=2)
     top = ours.TopLogProbs(values=[-0.1, -2.0], token_ids=[5, 6])

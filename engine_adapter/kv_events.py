@@ -1,0 +1,187 @@
+"""vLLM's KV-cache events, relayed from the engine's own publisher (`--kv-events-config`).
+
+vLLM's scheduler publishes from the engine-core process, one ZMQ message per scheduler step that
+stored or evicted blocks: `[topic, sequence (8 bytes, big-endian), msgpack [ts, events, dp_rank]]`,
+and keeps its last `buffer_steps` messages for a replay socket. The front end never sees them, so the
+relay subscribes like any consumer: one SUB per data-parallel rank from the moment the servicer starts
+(nothing published after that is missed), a DEALER on the rank's replay socket to fill a gap, and a
+bounded history so a gateway that reconnects resumes from its cursor.
+"""
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import msgspec
+import zmq
+import zmq.asyncio
+
+from engine_adapter.errors import EngineCursorError
+from engine_adapter.types import KvBatch, KvBlock, KvCleared, KvRemoved, KvStored
+
+logger = logging.getLogger(__name__)
+
+_END_OF_REPLAY = b"\xff" * 8
+_REPLAY_TIMEOUT_S = 5.0
+_U64 = (1 << 64) - 1
+
+
+def _int64(block_hash) -> int | None:
+    """vLLM's block hash (unsigned 64-bit int, or the raw digest whose last 8 bytes it stands for) as the
+    contract's signed int64, same bits."""
+    if isinstance(block_hash, bool) or not isinstance(block_hash, (int, bytes)):
+        return None
+    value = int.from_bytes(block_hash[-8:], "big") if isinstance(block_hash, bytes) else block_hash & _U64
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def _extra_key(key):
+    """One published extra key: text (LoRA name, cache salt), bytes (a digest), a number, or an image's
+    (identifier, offset in the block)."""
+    if isinstance(key, (list, tuple)) and len(key) == 2 and isinstance(key[0], str) and isinstance(key[1], int):
+        return (key[0], key[1])
+    return key if isinstance(key, (str, bytes, int)) and not isinstance(key, bool) else None
+
+
+def _stored(event: dict) -> KvStored | None:
+    hashes = [_int64(h) for h in event.get("block_hashes") or ()]
+    tokens, size = list(event.get("token_ids") or ()), event.get("block_size") or 0
+    if not hashes or None in hashes or size <= 0 or len(hashes) * size != len(tokens):
+        return None  # hybrid models' masked blocks leave tokens without hashes: not a prefix the router can use
+    extra = event.get("extra_keys") or [None] * len(hashes)
+    blocks = tuple(
+        KvBlock(h, tuple(int(t[0] if isinstance(t, (list, tuple)) else t) for t in tokens[i * size:(i + 1) * size]),
+                tuple(k for k in map(_extra_key, extra[i] or ()) if k is not None) if i < len(extra) else ())
+        for i, h in enumerate(hashes))
+    parent = event.get("parent_block_hash")
+    return KvStored(blocks=blocks, parent_hash=None if parent is None else _int64(parent), block_size=size,
+                    medium=event.get("medium"), lora_name=event.get("lora_name"), group_idx=event.get("group_idx"),
+                    spec_kind=event.get("kv_cache_spec_kind"))
+
+
+def decode_batch(seq: int, payload: bytes, rank: int) -> KvBatch:
+    """One published message as plain data; what cannot be read is left out, never guessed."""
+    try:
+        ts, raw_events, *_ = msgspec.msgpack.decode(payload)
+    except (msgspec.DecodeError, ValueError, TypeError):
+        logger.warning("KV events: rank %d batch %d does not decode; relayed empty", rank, seq)
+        return KvBatch(seq, time.time(), rank, ())
+    events = []
+    for event in raw_events or ():
+        kind = event.get("type") if isinstance(event, dict) else None
+        if kind == "BlockStored":
+            stored = _stored(event)
+            if stored is not None:
+                events.append(stored)
+        elif kind == "BlockRemoved":
+            hashes = tuple(_int64(h) for h in event.get("block_hashes") or ())
+            if hashes and None not in hashes:
+                events.append(KvRemoved(hashes, event.get("medium"), event.get("group_idx")))
+        elif kind == "AllBlocksCleared":
+            events.append(KvCleared())
+    return KvBatch(seq, float(ts) if isinstance(ts, (int, float)) else time.time(), rank, tuple(events))
+
+
+class KvEventRelay:
+    """Every rank's events from the engine's start, a bounded history of them, and a fan-out to subscribers."""
+
+    def __init__(self, sources: dict[int, object], history: int = 10_000):
+        self._sources = sources  # rank -> vLLM's resolved KVEventsConfig for that rank
+        self._ctx = zmq.asyncio.Context.instance()
+        self._history: collections.deque[KvBatch] = collections.deque(maxlen=history)
+        self._last: dict[int, int] = {}
+        self._subscribers: set[asyncio.Queue] = set()
+        self._sockets: list[zmq.asyncio.Socket] = []
+        self._tasks: list[asyncio.Task] = []
+        for rank, config in sources.items():
+            sub = self._ctx.socket(zmq.SUB)
+            sub.set_hwm(config.hwm)
+            sub.setsockopt(zmq.SUBSCRIBE, config.topic.encode())
+            sub.connect(_reachable(config.endpoint))
+            self._sockets.append(sub)
+            self._tasks.append(asyncio.create_task(self._read(rank, sub, config), name=f"kv-events-{rank}"))
+
+    async def _read(self, rank: int, sub, config) -> None:
+        # What the engine published before we connected, from its replay buffer; live batches queue meanwhile.
+        for seq, payload in await self._replay(config, 0, None):
+            self._emit(decode_batch(seq, payload, rank))
+        while True:
+            frames = await sub.recv_multipart()
+            if len(frames) != 3 or len(frames[1]) != 8:
+                continue
+            seq = int.from_bytes(frames[1], "big")
+            last = self._last.get(rank)
+            if last is not None and seq <= last:
+                if seq < last - 1 and seq not in (0, 1):
+                    logger.warning("KV events: rank %d went back from %d to %d", rank, last, seq)
+                continue  # already relayed (from the replay)
+            if last is not None and seq > last + 1:
+                for missed_seq, missed in await self._replay(config, last + 1, seq):
+                    self._emit(decode_batch(missed_seq, missed, rank))
+            self._emit(decode_batch(seq, frames[2], rank))
+
+    async def _replay(self, config, start: int, stop: int | None) -> list[tuple[int, bytes]]:
+        """The batches [start, stop) (stop None: all) from the rank's replay socket, or what it still holds."""
+        if not config.replay_endpoint:
+            if stop is not None:
+                logger.warning("KV events: batches %d-%d lost (no replay_endpoint in --kv-events-config)", start, stop - 1)
+            return []
+        dealer = self._ctx.socket(zmq.DEALER)
+        dealer.connect(_reachable(config.replay_endpoint))
+        got = []
+        try:
+            await dealer.send_multipart([b"", start.to_bytes(8, "big")])
+            while True:
+                frames = await asyncio.wait_for(dealer.recv_multipart(), _REPLAY_TIMEOUT_S)
+                if len(frames) < 4 or frames[2] == _END_OF_REPLAY:
+                    break
+                seq = int.from_bytes(frames[2], "big")
+                if start <= seq and (stop is None or seq < stop):
+                    got.append((seq, frames[3]))
+        except TimeoutError:
+            logger.warning("KV events: replay from %d timed out", start)
+        finally:
+            dealer.close(linger=0)
+        if stop is not None and len(got) != stop - start:
+            logger.warning("KV events: replay filled %d of %d missed batches", len(got), stop - start)
+        return got
+
+    def _emit(self, batch: KvBatch) -> None:
+        self._last[batch.rank] = batch.sequence
+        self._history.append(batch)
+        for queue in self._subscribers:
+            queue.put_nowait(batch)
+
+    async def subscribe(self, start: int) -> AsyncIterator[KvBatch]:
+        """Batches after `start` (0: from now on), then live ones. A cursor the history no longer reaches
+        back to, or one ahead of the publisher, is EngineCursorError: the subscriber starts over from 0."""
+        queue: asyncio.Queue = asyncio.Queue()
+        backlog: list[KvBatch] = []
+        if start:
+            known = [b.sequence for b in self._history if b.rank == 0]
+            if not known or not known[0] - 1 <= start <= known[-1]:
+                raise EngineCursorError(
+                    f"start_sequence_number: {start} is outside the relay's history "
+                    f"({f'{known[0]}-{known[-1]}' if known else 'empty'}); resubscribe from 0")
+            backlog = [b for b in self._history if b.rank != 0 or b.sequence > start]
+        self._subscribers.add(queue)
+        try:
+            for batch in backlog:
+                yield batch
+            while True:
+                yield await queue.get()
+        finally:
+            self._subscribers.discard(queue)
+
+    def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for sock in self._sockets:
+            sock.close(linger=0)
+
+
+def _reachable(endpoint: str) -> str:
+    """A bound wildcard endpoint, as a local subscriber connects to it."""
+    return endpoint.replace("://*", "://127.0.0.1").replace("://0.0.0.0", "://127.0.0.1")

@@ -1,0 +1,136 @@
+"""SubscribeKvEvents: vLLM's own KV-cache events (the session engine runs --kv-events-config on ipc
+sockets) relayed in SMG's form, on the real engine.
+
+- a text prompt's full blocks arrive as one stored event: the prompt's ids block by block, chained by parent
+  hash, vLLM's block size, on the device tier, under the publisher's consecutive sequence numbers;
+- an image's blocks carry the ids the caller sent (not the engine's pad values) and name the image by its
+  identity and offset; two different images with the same ids give different block hashes;
+- FlushCache arrives as `cleared`; a reconnecting subscriber resumes from its cursor; a cursor the relay
+  never reached is OUT_OF_RANGE; an engine without --kv-events-config is UNIMPLEMENTED naming the flag.
+"""
+
+import asyncio
+
+import grpc
+import pytest
+
+from tests.fixtures import image, mm_inputs, request
+from vlm_proto import common_pb2, vllm_engine_pb2 as pb
+
+pytestmark = pytest.mark.engine
+WAIT_S = 20.0
+
+
+class Subscription:
+    """An open SubscribeKvEvents call and the batches read from it so far."""
+
+    def __init__(self, stub, start: int = 0):
+        self.call = stub.SubscribeKvEvents(common_pb2.SubscribeKvEventsRequest(
+            start_sequence_number=start, load_records_before_first_batch=True))
+        self.batches: list[common_pb2.KvEventBatch] = []
+
+    async def until(self, found):
+        """Read batches until `found(batch)` returns something truthy; return it."""
+        async def scan():
+            while True:
+                batch = await self.call.read()
+                assert batch is not grpc.aio.EOF, "the stream ended"
+                self.batches.append(batch)
+                if hit := found(batch):
+                    return hit
+        return await asyncio.wait_for(scan(), WAIT_S)
+
+    def close(self):
+        self.call.cancel()
+
+
+def _stored_with(token_ids: list[int]):
+    """A finder: the first stored event whose first block's tokens start the given ids."""
+    def found(batch):
+        for event in batch.events:
+            if event.HasField("stored") and list(event.stored.blocks[0].token_ids) == token_ids[:len(event.stored.blocks[0].token_ids)]:
+                return event.stored
+        return None
+    return found
+
+
+async def _run(stub, ids, mm=None):
+    call = stub.Generate(request(ids, mm=mm, temperature=0.0, max_tokens=1))
+    identities = dict(await call.initial_metadata()).get("vlm-mm-identities")
+    [done] = [r.complete async for r in call]
+    return done, identities
+
+
+async def test_text_blocks_arrive_as_stored_events_with_their_ids(stub, engine):
+    size = engine.info.block_size
+    ids = [(7 * i + 3) % 900 + 20 for i in range(2 * size + 17)]  # two full blocks and a partial one
+    sub = Subscription(stub)
+    try:
+        await _run(stub, ids)
+        stored = await sub.until(_stored_with(ids))
+    finally:
+        sub.close()
+    assert [list(b.token_ids) for b in stored.blocks] == [ids[:size], ids[size:2 * size]]
+    assert all(b.block_size == size for b in stored.blocks) and not stored.HasField("parent_block_hash")
+    assert stored.tier == common_pb2.KV_CACHE_TIER_DEVICE and stored.locality == common_pb2.KV_CACHE_LOCALITY_LOCAL
+    assert len({b.block_hash for b in stored.blocks}) == 2
+    batch = sub.batches[-1]
+    assert batch.dp_rank == 0 and batch.timestamp > 0
+    seqs = [b.sequence_number for b in sub.batches]
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), "the publisher's own consecutive numbers"
+
+
+async def test_image_blocks_carry_the_callers_ids_and_name_the_image(stub, engine, oracle):
+    size = engine.info.block_size
+    hashes = []
+    sub = Subscription(stub)
+    try:
+        for seed in (71, 72):  # two different images, the same ids
+            imgs = oracle.images([image(224, 224, seed=seed)])  # 64 image tokens
+            ids = oracle.chat_ids("Describe it. " * 30, 1, imgs.tokens_per_image)
+            _, identity = await _run(stub, ids, mm_inputs(imgs.raw, imgs.grid))
+            stored = await sub.until(_stored_with(ids))
+            first = stored.blocks[0]
+            assert list(first.token_ids) == ids[:size], "the caller's ids, not the engine's pad values"
+            start = ids.index(oracle.pad)
+            keys = [k.multimodal for k in first.extra_keys if k.HasField("multimodal")]
+            assert [(k.identifier, k.offset) for k in keys] == [(identity, start)]
+            hashes.append(first.block_hash)
+    finally:
+        sub.close()
+    assert hashes[0] != hashes[1], "the engine's block hash includes the image's identity"
+
+
+async def test_flush_is_cleared_and_a_subscriber_resumes_from_its_cursor(stub, engine):
+    size = engine.info.block_size
+    sub = Subscription(stub)
+    try:
+        ids = [(11 * i + 5) % 900 + 20 for i in range(size + 3)]
+        await _run(stub, ids)
+        await sub.until(_stored_with(ids))
+        cursor = sub.batches[-1].sequence_number
+        later = [(13 * i + 1) % 900 + 20 for i in range(size + 3)]
+        await _run(stub, later)
+        await sub.until(_stored_with(later))
+        assert (await stub.FlushCache(common_pb2.FlushCacheRequest(timeout_s=5))).success
+        await _run(stub, ids)  # vLLM publishes at its next scheduler step
+        await sub.until(lambda b: any(e.HasField("cleared") for e in b.events))
+    finally:
+        sub.close()
+    resumed = Subscription(stub, start=cursor)
+    try:
+        await resumed.until(_stored_with(later))
+        assert resumed.batches[0].sequence_number == cursor + 1
+    finally:
+        resumed.close()
+    ahead = Subscription(stub, start=sub.batches[-1].sequence_number + 1000)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await ahead.until(lambda b: True)
+    assert err.value.code() == grpc.StatusCode.OUT_OF_RANGE and "start_sequence_number" in err.value.details()
+
+
+async def test_without_the_flag_it_is_unimplemented_naming_it(shapes_stub):
+    sub = Subscription(shapes_stub)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await sub.until(lambda b: True)
+    assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED and "--kv-events-config" in err.value.details()
