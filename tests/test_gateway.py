@@ -80,6 +80,13 @@ class Gateway:
     model: str
     log: pathlib.Path
     proc: subprocess.Popen
+    metrics_url: str = ""
+
+    def metric(self, name: str) -> float:
+        """The sum of a Prometheus metric's samples on SMG's metrics endpoint (0 when absent)."""
+        _, text = _http_raw("GET", self.metrics_url)
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith(name) and line[len(name):len(name) + 1] in ("{", " "))
 
     def log_tail(self, lines: int = 150) -> str:
         text = ANSI.sub("", self.log.read_text(errors="replace")) if self.log.exists() else "(no log)"
@@ -162,7 +169,7 @@ async def _launch(server, model_path, tmp_path_factory, transport: str):
     started = time.monotonic()
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    gw = Gateway(f"http://127.0.0.1:{port}", "", log, proc)
+    gw = Gateway(f"http://127.0.0.1:{port}", "", log, proc, f"http://127.0.0.1:{metrics_port}/metrics")
     try:
         await _wait_ready(gw)
         print(f"\nsmg ready in {time.monotonic() - started:.1f} s (pid {proc.pid}, model {gw.model!r}, log {log})")

@@ -15,6 +15,7 @@ import grpc
 import pytest
 
 from tests.fixtures import image, mm_inputs, request
+from tests.test_gateway import _chat_body, gateway  # noqa: F401 (gateway: a fixture)
 from vlm_proto import common_pb2, vllm_engine_pb2 as pb
 
 pytestmark = pytest.mark.engine
@@ -134,3 +135,19 @@ async def test_without_the_flag_it_is_unimplemented_naming_it(shapes_stub):
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await sub.until(lambda b: True)
     assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED and "--kv-events-config" in err.value.details()
+
+
+@pytest.mark.gateway
+async def test_smg_subscribes_and_indexes_our_blocks(gateway, oracle):
+    """SMG (cache_aware, its default) opens SubscribeKvEvents when our worker registers and indexes what we
+    publish: after an image chat its event counters and its index hold our blocks, with no stream error."""
+    with gateway.dump_log_on_failure():
+        before = gateway.metric("smg_kv_event_blocks_total")
+        status, answer = await gateway.chat(_chat_body(gateway.model, "Describe it. " * 40, [image(224, 224, seed=73)]))
+        assert status == 200, answer
+        deadline = asyncio.get_running_loop().time() + WAIT_S
+        while gateway.metric("smg_kv_event_blocks_total") <= before:
+            assert asyncio.get_running_loop().time() < deadline, "SMG applied none of our blocks"
+            await asyncio.sleep(0.2)
+        assert gateway.metric("smg_kv_event_subscriptions_total") >= 1 and gateway.metric("smg_kv_index_blocks") > 0
+        assert gateway.metric("smg_kv_event_stream_errors_total") == 0 and gateway.metric("smg_kv_events_unavailable") == 0
