@@ -4,6 +4,7 @@
 - parity: the pooled, normalised last hidden state transformers computes (float32) on the same ids and
   pixels, for text, one image and two images;
 - images through our extension field, inline, via /dev/shm, and by reference to an identity;
+- it sees: asked an image's shape, an image's nearest neighbour is mostly one of the same shape;
 - the runner decides the RPC: Generate on the pooling engine and Embed on a generative one are
   FAILED_PRECONDITION naming the flag; bad input is a field-named INVALID_ARGUMENT and the engine keeps serving.
 """
@@ -101,6 +102,22 @@ async def test_shm_and_reference_by_hash_give_the_same_embedding(embed_stub, sha
     by_hash, _ = await embed(embed_stub, ids, pb.MultimodalInputs(
         model_specific_tensors={"image_grid_thw": tensor(imgs.grid)}, mm_hashes=[identity]))
     assert torch.equal(by_hash, inline)
+
+
+async def test_images_of_one_shape_lie_together(embed_stub, shapes_oracle):
+    """Nearest neighbour (cosine) of each image's embedding, asked its shape: mostly one of the same shape."""
+    samples = _shapes(99, 40)
+    vectors = []
+    for s in samples:
+        imgs = shapes_oracle.images([s.image])
+        vec, _ = await embed(embed_stub, shapes_oracle.chat_ids(data.QUESTIONS["shape"], 1), mm_inputs(imgs.raw, imgs.grid))
+        vectors.append(vec)
+    sims = torch.stack(vectors) @ torch.stack(vectors).T
+    sims.fill_diagonal_(-2.0)
+    nearest = sims.argmax(-1).tolist()
+    same = sum(samples[i].shape == samples[j].shape for i, j in enumerate(nearest)) / len(samples)
+    print(f"nearest neighbour of the same shape: {same:.2f} (chance about {1 / len(data.SHAPES):.2f})")
+    assert same >= 0.8
 
 
 async def test_generate_on_a_pooling_engine_and_embed_on_a_generative_one_name_the_flag(embed_stub, stub, oracle):
