@@ -93,6 +93,7 @@ class KvEventRelay:
         self._history: collections.deque[KvBatch] = collections.deque(maxlen=history)
         self._last: dict[int, int] = {}
         self._subscribers: set[asyncio.Queue] = set()
+        self._lagging: set[asyncio.Queue] = set()  # dropped for not keeping up
         self._sockets: list[zmq.asyncio.Socket] = []
         self._tasks: list[asyncio.Task] = []
         for rank, config in sources.items():
@@ -104,9 +105,20 @@ class KvEventRelay:
             self._tasks.append(asyncio.create_task(self._read(rank, sub, config), name=f"kv-events-{rank}"))
 
     async def _read(self, rank: int, sub, config) -> None:
-        # What the engine published before we connected, from its replay buffer; live batches queue meanwhile.
-        for seq, payload in await self._replay(config, 0, None):
-            self._emit(decode_batch(seq, payload, rank))
+        """Relay one rank for the server's life; a failure is logged and the rank resumes after a second."""
+        while True:
+            try:
+                await self._relay_rank(rank, sub, config)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("KV events: relaying rank %d failed; resuming", rank)
+                await asyncio.sleep(1.0)
+
+    async def _relay_rank(self, rank: int, sub, config) -> None:
+        if rank not in self._last:  # what the engine published before we connected, from its replay buffer
+            for seq, payload in await self._replay(config, 0, None):
+                self._emit(decode_batch(seq, payload, rank))
         while True:
             frames = await sub.recv_multipart()
             if len(frames) != 3 or len(frames[1]) != 8:
@@ -151,13 +163,17 @@ class KvEventRelay:
     def _emit(self, batch: KvBatch) -> None:
         self._last[batch.rank] = batch.sequence
         self._history.append(batch)
-        for queue in self._subscribers:
-            queue.put_nowait(batch)
+        for queue in list(self._subscribers):
+            try:
+                queue.put_nowait(batch)
+            except asyncio.QueueFull:  # a subscriber that stopped reading: its stream ends, it starts over
+                self._subscribers.discard(queue)
+                self._lagging.add(queue)
 
     async def subscribe(self, start: int) -> AsyncIterator[KvBatch]:
         """Batches after `start` (0: from now on), then live ones. A cursor the history no longer reaches
         back to, or one ahead of the publisher, is EngineCursorError: the subscriber starts over from 0."""
-        queue: asyncio.Queue = asyncio.Queue()
+        queue: asyncio.Queue = asyncio.Queue(maxsize=self._history.maxlen)
         backlog: list[KvBatch] = []
         if start:
             known = [b.sequence for b in self._history if b.rank == 0]
@@ -170,10 +186,12 @@ class KvEventRelay:
         try:
             for batch in backlog:
                 yield batch
-            while True:
+            while queue not in self._lagging or not queue.empty():
                 yield await queue.get()
+            raise EngineCursorError(f"the subscriber fell {queue.maxsize} batches behind; resubscribe from 0")
         finally:
             self._subscribers.discard(queue)
+            self._lagging.discard(queue)
 
     def close(self) -> None:
         for task in self._tasks:

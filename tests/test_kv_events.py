@@ -151,3 +151,24 @@ async def test_smg_subscribes_and_indexes_our_blocks(gateway, oracle):
             await asyncio.sleep(0.2)
         assert gateway.metric("smg_kv_event_subscriptions_total") >= 1 and gateway.metric("smg_kv_index_blocks") > 0
         assert gateway.metric("smg_kv_event_stream_errors_total") == 0 and gateway.metric("smg_kv_events_unavailable") == 0
+
+
+def test_hashes_keep_their_64_bits_and_unreadable_events_are_left_out():
+    import msgspec
+
+    from engine_adapter.kv_events import decode_batch
+
+    top = (1 << 64) - 1  # vLLM's unsigned hash with the high bit set: the same bits as int64 -1
+    payload = msgspec.msgpack.encode([1.5, [
+        {"type": "BlockStored", "block_hashes": [top, b"\x00" * 24 + (5).to_bytes(8, "big")], "parent_block_hash": None,
+         "token_ids": [1, 2, 3, 4], "block_size": 2, "lora_id": None, "medium": "GPU", "lora_name": None,
+         "extra_keys": [[["abc", -1]], None]},
+        {"type": "BlockStored", "block_hashes": [9], "parent_block_hash": None, "token_ids": [1, 2, 3],
+         "block_size": 2, "lora_id": None, "medium": "GPU", "lora_name": None},  # tokens without hashes: dropped
+        {"type": "BlockRemoved", "block_hashes": [top], "medium": "GPU"},
+        {"type": "Unknown"}], 0])
+    batch = decode_batch(3, payload, 0)
+    stored, removed = batch.events
+    assert [b.block_hash for b in stored.blocks] == [-1, 5] and stored.blocks[0].extra_keys == (("abc", -1),)
+    assert removed.block_hashes == (-1,) and (batch.sequence, batch.timestamp, batch.rank) == (3, 1.5, 0)
+    assert decode_batch(4, b"\xc1", 0).events == ()  # not msgpack: relayed empty under its number
