@@ -1,6 +1,6 @@
 """The VllmEngine RPCs. Thin: validation lives in requests.py, the engine behind engine_adapter.
 
-Every RPC goes through `_guard`/`_fail`, the single place an exception becomes a
+Every RPC goes through `_guard` (`_guard_stream`) and `_fail`, the single place an exception becomes a
 gRPC status (via errors.status_for). Cancellation is handled once, in Generate:
 a client that cancels or disconnects cancels the handler task, which closes the
 engine stream, which aborts the request in the engine.
@@ -79,6 +79,25 @@ def _guard(rpc):
     return wrapper
 
 
+def _guard_stream(rpc):
+    """`_guard` for a server-streaming RPC: what its generator raises becomes its status, through `_fail`."""
+
+    @functools.wraps(rpc)
+    async def wrapper(self, request, context):
+        try:
+            async with contextlib.aclosing(rpc(self, request, context)) as responses:
+                async for response in responses:
+                    yield response
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if isinstance(exc, grpc.aio.AbortError):
+                raise
+            await _fail(context, exc, f"{rpc.__name__} {getattr(request, 'request_id', '')}".rstrip())
+
+    return wrapper
+
+
 class VllmEngineServicer(pb_grpc.VllmEngineServicer):
     def __init__(self, engine: EngineClient, config: ServerConfig, metrics: Metrics):
         self.engine = engine
@@ -108,43 +127,38 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
     def close(self) -> None:
         self._decode_pool.shutdown(wait=False, cancel_futures=True)
 
+    @_guard_stream
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         self.last_receive = time.time()
         request_id = request.request_id or uuid.uuid4().hex
         state = InFlight(request_id, time.monotonic(), request.stream)
-        try:
-            with self._tracked(state, context):
-                if self.engine.info.runner != "generate":
-                    raise FailedPrecondition(f"Generate: this engine runs vLLM's {self.engine.info.runner} runner "
-                                             "(--runner pooling): it serves Embed; start one with --runner generate "
-                                             "to generate")
-                decoded = await self._decode(self.decoder.decode, request, request_id)
-                engine_request = decoded.engine
-                state.prompt_tokens = len(engine_request.prompt_ids)
-                await self._send_identities(decoded, context)
-                # Prompt logprobs are reported against the prompt as the engine ran it (placeholders
-                # expanded), with the caller's own token ids (never the pad values).
-                encoder = StreamEncoder(decoded.prompt_ids) if request.stream else None
-                accumulated = Accumulator(decoded.prompt_ids) if not request.stream else None
-                async for step in self.engine.generate(engine_request):
-                    state.cached_tokens = step.cached_tokens
-                    state.completion_tokens += sum(len(s.token_ids) for s in step.samples)
-                    state.finish_reason = next((s.finish_reason for s in step.samples if s.finish_reason),
-                                               state.finish_reason)
-                    if encoder is not None:
-                        for response in encoder.encode(step):
-                            state.first_response = state.first_response or time.monotonic()
-                            yield response
-                    else:
-                        accumulated.add(step)
-                if accumulated is not None:
-                    for response in accumulated.completes():
+        with self._tracked(state, context):
+            if self.engine.info.runner != "generate":
+                raise FailedPrecondition(f"Generate: this engine runs vLLM's {self.engine.info.runner} runner "
+                                         "(--runner pooling): it serves Embed; start one with --runner generate "
+                                         "to generate")
+            decoded = await self._decode(self.decoder.decode, request, request_id)
+            engine_request = decoded.engine
+            state.prompt_tokens = len(engine_request.prompt_ids)
+            await self._send_identities(decoded, context)
+            # Prompt logprobs are reported against the prompt as the engine ran it (placeholders
+            # expanded), with the caller's own token ids (never the pad values).
+            encoder = StreamEncoder(decoded.prompt_ids) if request.stream else None
+            accumulated = Accumulator(decoded.prompt_ids) if not request.stream else None
+            async for step in self.engine.generate(engine_request):
+                state.cached_tokens = step.cached_tokens
+                state.completion_tokens += sum(len(s.token_ids) for s in step.samples)
+                state.finish_reason = next((s.finish_reason for s in step.samples if s.finish_reason), state.finish_reason)
+                if encoder is not None:
+                    for response in encoder.encode(step):
                         state.first_response = state.first_response or time.monotonic()
                         yield response
-        except Exception as exc:
-            if isinstance(exc, grpc.aio.AbortError):
-                raise
-            await _fail(context, exc, f"Generate {request_id}")
+                else:
+                    accumulated.add(step)
+            if accumulated is not None:
+                for response in accumulated.completes():
+                    state.first_response = state.first_response or time.monotonic()
+                    yield response
 
     @_guard
     async def Embed(self, request: pb.EmbedRequest, context) -> pb.EmbedResponse:
@@ -162,19 +176,15 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
             return pb.EmbedResponse(embedding=embedding.values, prompt_tokens=embedding.prompt_tokens,
                                     embedding_dim=len(embedding.values))
 
+    @_guard_stream
     async def SubscribeKvEvents(self, request: common_pb2.SubscribeKvEventsRequest, context):
         """vLLM's KV-cache events as they happen (after `start_sequence_number`, from the relay's history)."""
-        try:
-            if not self.engine.info.kv_events:  # SMG stops subscribing on UNIMPLEMENTED; it retries anything else
-                raise Unimplemented("KV cache events are off: start the engine with --kv-events-config "
-                                    "'{\"enable_kv_cache_events\": true, \"publisher\": \"zmq\"}'")
-            event_ids = itertools.count(1).__next__
-            async for batch in self.engine.kv_events(request.start_sequence_number):
-                yield kv_event_batch(batch, self.media_tokens, event_ids)
-        except Exception as exc:
-            if isinstance(exc, grpc.aio.AbortError):
-                raise
-            await _fail(context, exc, "SubscribeKvEvents")
+        if not self.engine.info.kv_events:  # SMG stops subscribing on UNIMPLEMENTED; it retries anything else
+            raise Unimplemented("KV cache events are off: start the engine with --kv-events-config "
+                                "'{\"enable_kv_cache_events\": true, \"publisher\": \"zmq\"}'")
+        event_ids = itertools.count(1).__next__
+        async for batch in self.engine.kv_events(request.start_sequence_number):
+            yield kv_event_batch(batch, self.media_tokens, event_ids)
 
     @contextlib.contextmanager
     def _tracked(self, state: InFlight, context: grpc.aio.ServicerContext):
@@ -331,19 +341,17 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
             timestamp=datetime.now(timezone.utc).isoformat(), version=self.engine.version, dp_rank_count=1, loads=[load]
         )
 
+    @_guard_stream
     async def GetTokenizer(self, request: common_pb2.GetTokenizerRequest, context):
         """The engine's tokenizer files, zipped (built once), in 64 KiB chunks; the digest on the last."""
-        try:
-            if self._tokenizer_bundle is None:
-                path = self.engine.info.tokenizer_path
-                try:
-                    self._tokenizer_bundle = await asyncio.to_thread(tokenizer_bundle.build, path)
-                except FileNotFoundError as exc:
-                    raise FailedPrecondition(f"the engine's tokenizer is not a local folder of files: {exc}") from exc
-                logger.info("tokenizer bundle: %d bytes, sha256 %s, files %s", len(self._tokenizer_bundle.data),
-                            self._tokenizer_bundle.sha256, ", ".join(self._tokenizer_bundle.names))
-        except Exception as exc:
-            await _fail(context, exc, "GetTokenizer")
+        if self._tokenizer_bundle is None:
+            path = self.engine.info.tokenizer_path
+            try:
+                self._tokenizer_bundle = await asyncio.to_thread(tokenizer_bundle.build, path)
+            except FileNotFoundError as exc:
+                raise FailedPrecondition(f"the engine's tokenizer is not a local folder of files: {exc}") from exc
+            logger.info("tokenizer bundle: %d bytes, sha256 %s, files %s", len(self._tokenizer_bundle.data),
+                        self._tokenizer_bundle.sha256, ", ".join(self._tokenizer_bundle.names))
         for data, digest in self._tokenizer_bundle.chunks():
             yield common_pb2.GetTokenizerChunk(data=data, sha256=digest)
 
