@@ -120,7 +120,7 @@ class Engine:
         except VLLMValidationError as exc:
             raise _request_error(exc) from exc
         self._check_constraint(options.constraint)
-        engine_input = build_engine_input(request, self._mm_processor, self._publish if self.shares_mm_by_shm else None)
+        engine_input = self._engine_input(request)
         # A gateway that shaped the grammar to start at the first token says so; vLLM would
         # otherwise hold it back until its reasoning parser has seen the thought's end.
         reasoning_ended = True if options.grammar_from_first_token and options.constraint else None
@@ -135,7 +135,7 @@ class Engine:
 
     async def embed(self, request: EngineRequest) -> Embedding:
         """Pool one prompt with the model's pooler (vLLM's `--runner pooling`); cancelling aborts it."""
-        engine_input = build_engine_input(request, self._mm_processor, self._publish if self.shares_mm_by_shm else None)
+        engine_input = self._engine_input(request)
         final = None
         with _engine_errors():
             async for output in self._llm.encode(engine_input, PoolingParams(task="embed"), request.request_id):
@@ -143,6 +143,9 @@ class Engine:
         if final is None or not final.finished:
             raise EngineRetryableError("the engine ended the embedding request without a result")
         return Embedding(tuple(final.outputs.data.float().tolist()), len(final.prompt_token_ids))
+
+    def _engine_input(self, request: EngineRequest):
+        return build_engine_input(request, self._mm_processor, self._publish if self.shares_mm_by_shm else None)
 
     def _check_constraint(self, constraint: Constraint | None) -> None:
         """The backend's verdict on the constraint alone, so its errors name the constraint's field
@@ -189,9 +192,7 @@ class Engine:
 
     async def start_profile(self, start_step: int | None = None, num_steps: int | None = None) -> None:
         """Start vLLM's profiler (as configured by --profiler-config) on every rank."""
-        if not self.info.profiler:
-            raise EngineStateError("no profiler configured: start the servicer with vLLM's --profiler-config, "
-                                   "e.g. --profiler-config '{\"profiler\": \"torch\", \"torch_profiler_dir\": \"/tmp/trace\"}'")
+        self._require_profiler()
         try:
             await self._llm.start_profile(delay_iterations=start_step, max_iterations=num_steps)
         except ProfilerAlreadyActiveError as exc:
@@ -199,9 +200,13 @@ class Engine:
 
     async def stop_profile(self) -> None:
         """Stop the profiler and write its traces (under the configured directory)."""
-        if not self.info.profiler:
-            raise EngineStateError("no profiler configured: start the servicer with vLLM's --profiler-config")
+        self._require_profiler()
         await self._llm.stop_profile()
+
+    def _require_profiler(self) -> None:
+        if not self.info.profiler:
+            raise EngineStateError("no profiler configured: start the servicer with vLLM's --profiler-config, "
+                                   "e.g. --profiler-config '{\"profiler\": \"torch\", \"torch_profiler_dir\": \"/tmp/trace\"}'")
 
     def start_kv_events(self) -> None:
         """Start relaying the engine's KV events (with --kv-events-config; call on the serving event loop)."""
@@ -211,8 +216,7 @@ class Engine:
     def kv_events(self, start: int) -> AsyncIterator[KvBatch]:
         """The engine's KV-cache events after `start` (0: from now on), every data-parallel rank's."""
         if self._kv_relay is None:
-            raise EngineStateError("no KV events: start the engine with --kv-events-config "
-                                   "'{\"enable_kv_cache_events\": true, \"publisher\": \"zmq\"}'")
+            raise EngineStateError("KV events are not relayed: no --kv-events-config, or start_kv_events() not called")
         return self._kv_relay.subscribe(start)
 
     async def abort(self, request_ids: Sequence[str]) -> None:

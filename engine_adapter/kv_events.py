@@ -88,7 +88,7 @@ class KvEventRelay:
     """Every rank's events from the engine's start, a bounded history of them, and a fan-out to subscribers."""
 
     def __init__(self, sources: dict[int, object], history: int = 10_000):
-        self._sources = sources  # rank -> vLLM's resolved KVEventsConfig for that rank
+        """`sources`: rank -> vLLM's resolved KVEventsConfig for that rank (AsyncLLM.get_kv_event_sources)."""
         self._ctx = zmq.asyncio.Context.instance()
         self._history: collections.deque[KvBatch] = collections.deque(maxlen=history)
         self._last: dict[int, int] = {}
@@ -117,8 +117,7 @@ class KvEventRelay:
 
     async def _relay_rank(self, rank: int, sub, config) -> None:
         if rank not in self._last:  # what the engine published before we connected, from its replay buffer
-            for seq, payload in await self._replay(config, 0, None):
-                self._emit(decode_batch(seq, payload, rank))
+            await self._fill(rank, config, 0, None)
         while True:
             frames = await sub.recv_multipart()
             if len(frames) != 3 or len(frames[1]) != 8:
@@ -126,13 +125,14 @@ class KvEventRelay:
             seq = int.from_bytes(frames[1], "big")
             last = self._last.get(rank)
             if last is not None and seq <= last:
-                if seq < last - 1 and seq not in (0, 1):
-                    logger.warning("KV events: rank %d went back from %d to %d", rank, last, seq)
                 continue  # already relayed (from the replay)
             if last is not None and seq > last + 1:
-                for missed_seq, missed in await self._replay(config, last + 1, seq):
-                    self._emit(decode_batch(missed_seq, missed, rank))
+                await self._fill(rank, config, last + 1, seq)
             self._emit(decode_batch(seq, frames[2], rank))
+
+    async def _fill(self, rank: int, config, start: int, stop: int | None) -> None:
+        for seq, payload in await self._replay(config, start, stop):
+            self._emit(decode_batch(seq, payload, rank))
 
     async def _replay(self, config, start: int, stop: int | None) -> list[tuple[int, bytes]]:
         """The batches [start, stop) (stop None: all) from the rank's replay socket, or what it still holds."""
