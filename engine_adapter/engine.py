@@ -29,7 +29,8 @@ from engine_adapter.prompt import build_engine_input
 from engine_adapter.sampling import SAMPLING_FIELDS, structured_outputs, to_sampling_params
 from engine_adapter.shm_ring import claim_ring_name
 from engine_adapter.types import (
-    Constraint, Embedding, EngineRequest, EngineStats, KvBatch, ModelInfo, SamplingOptions, StepOutput,
+    Constraint, Embedding, EngineRequest, EngineStats, KvBatch, ModelInfo, RankLoad, SamplingOptions,
+    StepOutput,
 )
 
 logger = logging.getLogger(__name__)
@@ -50,17 +51,19 @@ def parse_engine_args(model: str, argv: Sequence[str], mm_shm_gb: float | None =
 
 
 class _StatsRecorder(StatLoggerBase):
-    """Keeps the latest scheduler figures in an EngineStats the servicer can read."""
+    """Keeps one data-parallel rank's latest scheduler figures in an EngineStats the servicer can read
+    (vLLM makes one logger per rank; the factory's index is the rank)."""
 
-    def __init__(self, stats: EngineStats):
+    def __init__(self, stats: EngineStats, rank: int):
         self.stats = stats
+        self.load = stats.ranks.setdefault(rank, RankLoad())
 
     def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx=0):
         if scheduler_stats is None:
             return
-        self.stats.num_running = scheduler_stats.num_running_reqs
-        self.stats.num_waiting = scheduler_stats.num_waiting_reqs
-        self.stats.kv_cache_usage = scheduler_stats.kv_cache_usage
+        self.load.num_running = scheduler_stats.num_running_reqs
+        self.load.num_waiting = scheduler_stats.num_waiting_reqs
+        self.load.kv_cache_usage = scheduler_stats.kv_cache_usage
         prefix = scheduler_stats.prefix_cache_stats
         self.stats.prefix_cache_queries += prefix.queries
         self.stats.prefix_cache_hits += prefix.hits
@@ -96,7 +99,7 @@ class Engine:
         stats = EngineStats()
         if args.mm_processor_cache_type == "shm":
             logger.info("multimodal items shared with the engine's ranks through shared memory ring %s", claim_ring_name())
-        llm = AsyncLLM.from_engine_args(args, stat_loggers=[lambda config, index=0: _StatsRecorder(stats)])
+        llm = AsyncLLM.from_engine_args(args, stat_loggers=[lambda config, index=0: _StatsRecorder(stats, index)])
         return cls(llm, stats)
 
     def stamp_ids(self, seconds: float) -> tuple[int, ...]:
@@ -127,7 +130,8 @@ class Engine:
         first = True
         with _engine_errors():
             async for output in self._llm.generate(engine_input, sampling, request.request_id,
-                                                   reasoning_ended=reasoning_ended):
+                                                   reasoning_ended=reasoning_ended,
+                                                   data_parallel_rank=request.data_parallel_rank):
                 step = to_step_output(output, options.logprobs, options.prompt_logprobs, first)
                 _raise_if_failed(step, options)
                 yield step
@@ -138,7 +142,8 @@ class Engine:
         engine_input = self._engine_input(request)
         final = None
         with _engine_errors():
-            async for output in self._llm.encode(engine_input, PoolingParams(task="embed"), request.request_id):
+            async for output in self._llm.encode(engine_input, PoolingParams(task="embed"), request.request_id,
+                                                 data_parallel_rank=request.data_parallel_rank):
                 final = output
         if final is None or not final.finished:
             raise EngineRetryableError("the engine ended the embedding request without a result")

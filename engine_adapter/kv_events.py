@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 import msgspec
 import zmq
 import zmq.asyncio
+from vllm.distributed.kv_events import ZmqEventPublisher
 
 from engine_adapter.errors import EngineCursorError
 from engine_adapter.types import KvBatch, KvBlock, KvCleared, KvRemoved, KvStored
@@ -100,12 +101,27 @@ class KvEventRelay:
             sub = self._ctx.socket(zmq.SUB)
             sub.set_hwm(config.hwm)
             sub.setsockopt(zmq.SUBSCRIBE, config.topic.encode())
-            sub.connect(_reachable(config.endpoint))
+            # vLLM's publisher binds wildcard and ipc endpoints and connects to any other (tcp://host:port),
+            # which is then the collector's to bind. Its own rule (private), so the two never both connect.
+            joined = None
+            if ZmqEventPublisher._is_bind_endpoint(config.endpoint):
+                sub.connect(_reachable(config.endpoint))
+            else:
+                joined = sub.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+                sub.bind(config.endpoint)
             self._sockets.append(sub)
-            self._tasks.append(asyncio.create_task(self._read(rank, sub, config), name=f"kv-events-{rank}"))
+            self._tasks.append(asyncio.create_task(self._read(rank, sub, config, joined), name=f"kv-events-{rank}"))
 
-    async def _read(self, rank: int, sub, config) -> None:
+    async def _read(self, rank: int, sub, config, joined=None) -> None:
         """Relay one rank for the server's life; a failure is logged and the rank resumes after a second."""
+        if joined is not None:  # a bound relay: let the publisher's reconnect land before reading its replay
+            try:
+                await asyncio.wait_for(joined.recv_multipart(), _REPLAY_TIMEOUT_S)
+            except TimeoutError:
+                logger.warning("KV events: rank %d's publisher has not connected to %s yet", rank, config.endpoint)
+            finally:
+                sub.disable_monitor()
+                joined.close(linger=0)
         while True:
             try:
                 await self._relay_rank(rank, sub, config)

@@ -76,6 +76,7 @@ class EngineRequest:
     prompt_ids: tuple[int, ...]
     sampling: SamplingOptions | None = None
     media: tuple[MediaItem, ...] = ()  # in prompt order
+    data_parallel_rank: int | None = None  # None: vLLM balances across its ranks
 
 
 @dataclass(frozen=True)
@@ -214,12 +215,19 @@ class KvBatch:
 
 
 @dataclass
-class EngineStats:
-    """Latest scheduler figures (updated after every engine step) and running totals."""
+class RankLoad:
+    """One data-parallel rank's latest scheduler figures (updated after each of its steps)."""
 
     num_running: int = 0
     num_waiting: int = 0
     kv_cache_usage: float = 0.0
+
+
+@dataclass
+class EngineStats:
+    """Latest scheduler figures per data-parallel rank, and running totals."""
+
+    ranks: dict[int, RankLoad] = field(default_factory=lambda: {0: RankLoad()})
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
     mm_items_published: int = 0  # items written to the ranks' shared-memory ring

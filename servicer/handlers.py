@@ -326,20 +326,22 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
 
     @_guard
     async def GetLoads(self, request, context) -> pb.GetLoadsResponse:
-        stats = self.engine.stats
-        unfinished = self.engine.num_unfinished_requests()
-        load = pb.SchedulerLoad(
-            dp_rank=0,
-            num_running_reqs=stats.num_running if unfinished else 0,
-            num_waiting_reqs=stats.num_waiting if unfinished else 0,
-            num_total_reqs=unfinished,
-            token_usage=stats.kv_cache_usage,
-            cache_hit_rate=stats.prefix_cache_hit_rate,
+        ranks = self.engine.stats.ranks
+        if request.HasField("dp_rank") and request.dp_rank not in ranks:
+            raise InvalidArgument(f"dp_rank: {request.dp_rank} is not one of the engine's ranks {sorted(ranks)}")
+        # Figures are recorded after each engine step; once nothing is unfinished the last step's are stale.
+        busy = self.engine.num_unfinished_requests() > 0
+        loads = [pb.SchedulerLoad(
+            dp_rank=rank,
+            num_running_reqs=load.num_running if busy else 0,
+            num_waiting_reqs=load.num_waiting if busy else 0,
+            num_total_reqs=load.num_running + load.num_waiting if busy else 0,
+            token_usage=load.kv_cache_usage,
+            cache_hit_rate=self.engine.stats.prefix_cache_hit_rate,
             max_running_requests=self.engine.info.max_num_seqs,
-        )
-        return pb.GetLoadsResponse(
-            timestamp=datetime.now(timezone.utc).isoformat(), version=self.engine.version, dp_rank_count=1, loads=[load]
-        )
+        ) for rank, load in sorted(ranks.items()) if not request.HasField("dp_rank") or rank == request.dp_rank]
+        return pb.GetLoadsResponse(timestamp=datetime.now(timezone.utc).isoformat(), version=self.engine.version,
+                                   dp_rank_count=len(loads), loads=loads)
 
     @_guard_stream
     async def GetTokenizer(self, request: common_pb2.GetTokenizerRequest, context):

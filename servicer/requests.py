@@ -19,14 +19,13 @@ def _refuse_unsupported(request: pb.GenerateRequest) -> None:
         "text": request.WhichOneof("input") == "text",
         "kv_transfer_params": request.HasField("kv_transfer_params"),
         "kv_transfer_params_json": request.HasField("kv_transfer_params_json"),
-        "data_parallel_rank": request.HasField("data_parallel_rank") and request.data_parallel_rank != 0,
         "media_refs": request.HasField("media_refs"),
     }
     named = [name for name, present in unsupported.items() if present]
     if named:
         raise InvalidArgument(
             f"{', '.join(named)}: not supported by this servicer (it takes token ids and preprocessed "
-            "media, on one data-parallel rank, without KV transfer)"
+            "media, without KV transfer)"
         )
 
 
@@ -52,6 +51,16 @@ def _truncate(ids: list[int], media: list[MediaItem], sp: pb.SamplingParams,
                 f"({info.truncation_side} truncation) would cut the {m.modality} at positions "
                 f"[{m.offset}, {m.offset + m.length})")
     return ids[start:start + keep], [dataclasses.replace(m, offset=m.offset - start) for m in media]
+
+
+def _rank(request: pb.GenerateRequest, info: ModelInfo) -> int | None:
+    """The data-parallel rank the caller pinned the request to (None: vLLM balances)."""
+    if not request.HasField("data_parallel_rank"):
+        return None
+    if not 0 <= request.data_parallel_rank < info.data_parallel_size:
+        raise InvalidArgument(f"data_parallel_rank: {request.data_parallel_rank} is outside [0, "
+                              f"{info.data_parallel_size}) (the engine's --data-parallel-size)")
+    return request.data_parallel_rank
 
 
 def _check_ids(ids: list[int], info: ModelInfo) -> None:
@@ -178,11 +187,12 @@ class RequestDecoder:
         _refuse_unsupported(request)
         if request.WhichOneof("input") != "tokenized":
             raise InvalidArgument("tokenized: missing (this servicer takes token ids)")
+        rank = _rank(request, self.info)
         ids, media, batches = self._prompt(request)
         ids, media = _truncate(ids, media, request.sampling_params, self.info)
         _check_length(ids, self.info)
         sampling = sampling_options(request.sampling_params, len(ids), self.info, self.max_n)
-        return self._decoded(request_id, ids, media, sampling, batches)
+        return self._decoded(request_id, ids, media, sampling, batches, rank)
 
     def decode_embed(self, request: pb.EmbedRequest, request_id: str) -> DecodedRequest:
         """An EmbedRequest through the same checks (no sampling); blocking like `decode`."""
@@ -212,9 +222,10 @@ class RequestDecoder:
         return ids, media, batches
 
     def _decoded(self, request_id: str, ids: list[int], media: list[MediaItem], sampling: SamplingOptions | None,
-                 batches: list[tuple[str, pb.MultimodalInputs]]) -> DecodedRequest:
+                 batches: list[tuple[str, pb.MultimodalInputs]], rank: int | None = None) -> DecodedRequest:
         engine_ids = engine_prompt_ids(ids, media, self.images, self.info)
-        engine = EngineRequest(request_id=request_id, prompt_ids=tuple(engine_ids), sampling=sampling, media=tuple(media))
+        engine = EngineRequest(request_id=request_id, prompt_ids=tuple(engine_ids), sampling=sampling,
+                               media=tuple(media), data_parallel_rank=rank)
         mm_bytes: dict[str, int] = {}
         for t in _tensors([mm for _, mm in batches]):
             transport = t.WhichOneof("payload")

@@ -112,15 +112,15 @@ class Gateway:
         return status, [json.loads(line) for line in lines if line != "[DONE]"]
 
 
-async def _wait_ready(gw: Gateway) -> None:
-    """Ready once SMG has registered our worker (healthy) and lists its model."""
+async def _wait_ready(gw: Gateway, workers: int = 1) -> None:
+    """Ready once SMG has registered `workers` workers (healthy) and lists their model."""
     deadline = time.monotonic() + READY_TIMEOUT_S
     while time.monotonic() < deadline:
         if gw.proc.poll() is not None:
             pytest.fail(f"smg exited with {gw.proc.returncode} before it was ready:\n{gw.log_tail()}")
         with contextlib.suppress(OSError):
             status, ready = await asyncio.to_thread(_http, "GET", f"{gw.url}/readiness")
-            if status == 200 and isinstance(ready, dict) and ready.get("healthy_workers", 0) >= 1:
+            if status == 200 and isinstance(ready, dict) and ready.get("healthy_workers", 0) >= workers:
                 status, models = await asyncio.to_thread(_http, "GET", f"{gw.url}/v1/models")
                 if status == 200 and isinstance(models, dict) and models.get("data"):
                     gw.model = models["data"][0]["id"]
@@ -156,22 +156,24 @@ async def shm_gateway(server, model_path, tmp_path_factory):
         yield gw
 
 
-async def _launch(server, model_path, tmp_path_factory, transport: str):
-    """Start SMG (log to a tmp file), yield it once ready, stop it by pid."""
+async def _launch(server, model_path, tmp_path_factory, transport: str, *flags: str, workers: int = 1):
+    """Start SMG (log to a tmp file) in front of `server` (a server or a list of gRPC ports), yield it once
+    `workers` workers are healthy, stop it by pid. `flags` go to `smg launch` as they are."""
     log = tmp_path_factory.mktemp("smg") / "smg.log"
     port, metrics_port = _free_port(), _free_port()
+    ports = server if isinstance(server, list) else [server.port]
     cmd = [
-        SMG, "launch", "--worker-urls", f"grpc://127.0.0.1:{server.port}",
+        SMG, "launch", "--worker-urls", *(f"grpc://127.0.0.1:{p}" for p in ports),
         "--host", "127.0.0.1", "--port", str(port),
         "--prometheus-port", str(metrics_port), "--prometheus-host", "127.0.0.1",
-        "--model-path", model_path, "--multimodal-tensor-transport", transport,
+        "--model-path", model_path, "--multimodal-tensor-transport", transport, *flags,
     ]
     started = time.monotonic()
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     gw = Gateway(f"http://127.0.0.1:{port}", "", log, proc, f"http://127.0.0.1:{metrics_port}/metrics")
     try:
-        await _wait_ready(gw)
+        await _wait_ready(gw, workers)
         print(f"\nsmg ready in {time.monotonic() - started:.1f} s (pid {proc.pid}, model {gw.model!r}, log {log})")
         yield gw
     finally:
