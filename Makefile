@@ -20,7 +20,7 @@ PROTO_OUT   := proto/vlm_proto/vllm_engine_pb2.py
 INCUMBENT_VENV ?= .venv-incumbent
 BENCH_ARGS ?=
 
-.PHONY: setup model shapes-model serve test bench loadtest incumbent clean
+.PHONY: setup model shapes-model serve test bench bench-replicas loadtest incumbent clean
 
 setup: $(SETUP_STAMP) $(PROTO_OUT)
 
@@ -57,11 +57,15 @@ $(INCUMBENT_VENV)/.incumbent-setup: bench/incumbent_env.sh scripts/fix_torchvisi
 	touch $@
 
 # Measurements, never assertions: rollout (reference by hash), side by side with the incumbent
-# (`vllm serve --grpc`), tensor transport (inline vs shared memory).
+# (`vllm serve --grpc`), tensor transport (inline vs shared memory), replicas behind SMG by routing policy.
 bench: setup model incumbent
 	$(PY) -m bench.rollout
 	$(PY) -m bench.side_by_side --incumbent-venv $(INCUMBENT_VENV) $(BENCH_ARGS)
 	$(PY) -m bench.transport --incumbent-venv $(INCUMBENT_VENV)
+	$(PY) -m bench.replicas
+
+bench-replicas: setup model
+	$(PY) -m bench.replicas $(BENCH_ARGS)
 
 # Expects a running servicer (make serve) at HOST:PORT; uses ghz when it is on PATH.
 loadtest: setup

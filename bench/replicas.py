@@ -372,9 +372,9 @@ def main(argv: list[str] | None = None) -> int:
                 r.stop()
     print(f"\n{args.conversations} conversations x {args.turns} turns (one new 448 px image per turn), "
           f"concurrency {args.concurrency}, tiny Qwen2-VL on CPU")
-    print(f"{'setup':<28} {'cached/prompt':>13} {'later turns':>11} {'mean TTFT ms':>12} {'failed':>6}  per replica")
+    print(f"{'setup':<32} {'cached/prompt':>13} {'later turns':>11} {'mean TTFT ms':>12} {'failed':>6}  per replica")
     for row in rows:
-        print(f"{row['setup']:<28} {row['cached_ratio']:>13.3f} {row['cached_ratio_later_turns']:>11.3f} "
+        print(f"{row['setup']:<32} {row['cached_ratio']:>13.3f} {row['cached_ratio_later_turns']:>11.3f} "
               f"{row['mean_ttft_ms']:>12.1f} {row['failed']:>6}  {row['requests_per_replica']}")
     return 0
 

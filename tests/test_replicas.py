@@ -5,7 +5,7 @@
 - failover under steady load: SIGKILL one replica's process group. Only requests in flight at the kill may
   fail; SMG marks the worker unhealthy; every request started once it has done so succeeds; the restarted
   replica rejoins and serves again.
-The routing figures themselves are measured by `python -m bench.replicas`, not asserted here.
+The routing figures themselves are measured by `make bench-replicas` (bench/replicas.py), not asserted here.
 """
 
 import asyncio
@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from bench.replicas import Conversation, chat_stream, launch_gateway, smg_executable, start_replicas
+from bench.replicas import Conversation, chat_stream, launch_gateway, metric, smg_executable, start_replicas
 
 pytestmark = [pytest.mark.engine, pytest.mark.gateway]
 if smg_executable() is None:
@@ -73,7 +73,6 @@ async def test_cache_aware_keeps_each_image_conversation_on_its_replica(replicas
                     assert cached >= 256, f"turn {turn} of conversation {conv.index}: {usage}"
         print(f"\nreplica of each turn, by conversation: {placed}")
         assert all(len(set(where)) == 1 for where in placed.values()), placed
-        from bench.replicas import metric
         assert metric(gw.metrics_url, "smg_kv_event_blocks_total") > 0
         assert metric(gw.metrics_url, "smg_kv_event_stream_errors_total") == 0
     except BaseException:
