@@ -156,9 +156,11 @@ async def shm_gateway(server, model_path, tmp_path_factory):
         yield gw
 
 
-async def _launch(server, model_path, tmp_path_factory, transport: str, *flags: str, workers: int = 1):
+async def _launch(server, model_path, tmp_path_factory, transport: str, *flags: str, workers: int = 1,
+                  env: dict | None = None):
     """Start SMG (log to a tmp file) in front of `server` (a server or a list of gRPC ports), yield it once
-    `workers` workers are healthy, stop it by pid. `flags` go to `smg launch` as they are."""
+    `workers` workers are healthy, stop it by pid. `flags` go to `smg launch` as they are; without
+    `model_path` SMG takes the model from the worker."""
     log = tmp_path_factory.mktemp("smg") / "smg.log"
     port, metrics_port = _free_port(), _free_port()
     ports = server if isinstance(server, list) else [server.port]
@@ -166,11 +168,12 @@ async def _launch(server, model_path, tmp_path_factory, transport: str, *flags: 
         SMG, "launch", "--worker-urls", *(f"grpc://127.0.0.1:{p}" for p in ports),
         "--host", "127.0.0.1", "--port", str(port),
         "--prometheus-port", str(metrics_port), "--prometheus-host", "127.0.0.1",
-        "--model-path", model_path, "--multimodal-tensor-transport", transport, *flags,
+        *(("--model-path", model_path) if model_path else ()), "--multimodal-tensor-transport", transport, *flags,
     ]
     started = time.monotonic()
     with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env={**os.environ, **(env or {})})
     gw = Gateway(f"http://127.0.0.1:{port}", "", log, proc, f"http://127.0.0.1:{metrics_port}/metrics")
     try:
         await _wait_ready(gw, workers)
