@@ -142,8 +142,7 @@ class Engine:
         engine_input = self._engine_input(request)
         final = None
         with _engine_errors():
-            async for output in self._llm.encode(engine_input, PoolingParams(task="embed"), request.request_id,
-                                                 data_parallel_rank=request.data_parallel_rank):
+            async for output in self._llm.encode(engine_input, PoolingParams(task="embed"), request.request_id):
                 final = output
         if final is None or not final.finished:
             raise EngineRetryableError("the engine ended the embedding request without a result")

@@ -72,7 +72,7 @@ def _streamed_message(events: list[dict]) -> tuple[str, list[dict], str | None]:
 @pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])
 async def test_json_schema_answers_only_allowed_values_and_reads_the_image(shapes_gateway, capture, samples, stream):
     fmt = {"type": "json_schema", "json_schema": {"name": "colour", "schema": COLOUR_SCHEMA}}
-    right = 0
+    answers = []
     with shapes_gateway.dump_log_on_failure():
         for sample in samples:
             status, answer = await _post(shapes_gateway, "/v1/chat/completions",
@@ -81,14 +81,38 @@ async def test_json_schema_answers_only_allowed_values_and_reads_the_image(shape
             content = _streamed_message(answer)[0] if stream else answer["choices"][0]["message"]["content"]
             value = json.loads(content)  # whole JSON, not a prefix: the grammar let the model close it
             assert set(value) == {"colour"} and value["colour"] in COLOURS
-            right += value["colour"] == sample.colour
+            answers.append((sample.colour, value["colour"]))
         sent = capture.requests[-1]
         assert json.loads(sent.sampling_params.json_schema) == COLOUR_SCHEMA
+    passable = _colours_the_grammar_lets_through()
+    right = sum(truth == said for truth, said in answers)
     print(f"\njson_schema colour through SMG ({'stream' if stream else 'unary'}): {right}/{len(samples)} right "
-          f"(chance {len(samples) / len(COLOURS):.1f})")
-    # The model never saw JSON in training, so the forced `{"colour":"` costs it accuracy; the answer
-    # still depends on the image (well above chance), which a grammar alone could not produce.
-    assert right >= 3 * len(samples) / len(COLOURS)
+          f"(chance {len(samples) / len(COLOURS):.1f}); xgrammar's mask lets through {sorted(passable)}")
+    # The model answers each colour with its one word token, inside JSON too (trained so). Wherever the
+    # backend's mask lets that token through, the answer must be right.
+    assert all(truth == said for truth, said in answers if truth in passable), answers
+
+
+def _colours_the_grammar_lets_through() -> set[str]:
+    """The colours whose one answer token xgrammar's token mask allows after `{"colour":"` (vLLM's default
+    backend, compiled as vLLM does with --structured-outputs-config's disable_any_whitespace). xgrammar 0.2.8
+    masks this tokenizer's single `purple` token there although its matcher accepts it; the model, trained on
+    that token, then says its second choice. The test holds the model to every colour the mask passes."""
+    import xgrammar as xgr
+    from transformers import AutoConfig, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(SHAPES_MODEL)
+    size = AutoConfig.from_pretrained(SHAPES_MODEL).text_config.vocab_size
+    info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=size)
+    grammar = xgr.GrammarCompiler(info).compile_json_schema(json.dumps(COLOUR_SCHEMA), any_whitespace=False,
+                                                             separators=(",", ":"))
+    matcher = xgr.GrammarMatcher(grammar)
+    for token in tokenizer.encode('{"colour":"', add_special_tokens=False):
+        assert matcher.accept_token(token)
+    mask = xgr.allocate_token_bitmask(1, info.vocab_size)
+    matcher.fill_next_token_bitmask(mask)
+    allowed = {i for i in range(size) if (int(mask[0, i // 32]) >> (i % 32)) & 1}
+    return {c for c in COLOURS if tokenizer.convert_tokens_to_ids(c) in allowed}
 
 
 def _tool_calls(answer, stream: bool) -> tuple[list[dict], str, str]:
@@ -197,3 +221,4 @@ async def test_completions_with_stop(gateway, capture, stream, keep):  # noqa: F
         assert list(sent.stop) == [stop] and sent.include_stop_str_in_output == keep
         cut = text.index(stop) + (len(stop) if keep else 0)
         assert (got, finish) == (text[:cut], "stop")
+

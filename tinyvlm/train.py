@@ -7,7 +7,10 @@ every answer is one token), trains on the exact chat prompt the servicer sees:
     <|vision_start|><|image_pad|>*N<|vision_end|>QUESTION<|im_end|>\\n<|im_start|>assistant\\n
     ANSWER<|im_end|>
 
-with the loss on ANSWER and the closing <|im_end|> only. Writes the checkpoint (float32,
+with the loss on ANSWER and the closing <|im_end|> only. A share of answers is written the way a
+grammar forces them (`{"colour":"red"}`, or a tool call `[{"name":"report_colour","parameters":
+{"colour":"red"}}]`), with no loss on the opening bracket: the model never starts JSON on its own,
+but once a grammar has started it, it still reads the image and closes the JSON. Writes the checkpoint (float32,
 same config/preprocessor extras as build.py), train_log.jsonl and metrics.json (held-out
 accuracy and top-1/top-2 logprob gaps on fresh images from another seed) into --out.
 
@@ -30,9 +33,10 @@ from tinyvlm.build import VOCAB_SIZE, build_config, build_image_processor, write
 from tinyvlm.data import ANSWER_WORDS, COLOURS, QUESTIONS, SHAPES, batches, held_out
 from tinyvlm.tokenizer import build_tokenizer
 
-RECIPE_VERSION = "qwen2-vl-shapes-1"
+RECIPE_VERSION = "qwen2-vl-shapes-2"
 SYSTEM_PREFIX = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
 ASSISTANT_PREFIX = "<|im_end|>\n<|im_start|>assistant\n"
+FORMS, FORM_WEIGHTS = ("word", "json", "tool"), (0.8, 0.1, 0.1)  # how training answers are written
 GAP = 0.5  # a top-1/top-2 logprob gap below this is a near-tie an engine could flip
 
 # Decoder stays at build.py's shape (head_dim 64 for vLLM's CPU attention); the vision
@@ -63,16 +67,28 @@ class Encoder:
             assert len(ids) == 1, f"answer {w!r} is {len(ids)} tokens"
             self.answer_id[w] = ids[0]
 
-    def batch(self, items):
-        """items: [(PIL image, question, answer)] -> model kwargs (incl. labels) for one padded batch."""
+    def target(self, answer: str, form: str = "word", kind: str = "colour") -> tuple[list[int], list[int]]:
+        """(ids, labels) of the reply: the bare word, or `form` "json" / "tool" around it."""
+        if form == "word":
+            return [self.answer_id[answer], self.im_end], [self.answer_id[answer], self.im_end]
+        head, tail = {"json": (f'{{"{kind}":"', '"}'),
+                      "tool": (f'[{{"name":"report_{kind}","parameters":{{"{kind}":"', '"}}]')}[form]
+        ids = self.enc(head) + [self.answer_id[answer]] + self.enc(tail) + [self.im_end]
+        assert self.enc(head + answer + tail) == ids[:-1], "the answer word is its own token inside JSON"
+        return ids, [-100] + ids[1:]  # no loss on the opening bracket
+
+    def batch(self, items, forms=None):
+        """items: [(PIL image, question, answer)] -> model kwargs (incl. labels) for one padded batch;
+        `forms`: per item, ("word" | "json" | "tool", question kind)."""
         out = self.proc(images=[im for im, _, _ in items], return_tensors="pt")
         grids = out["image_grid_thw"].to(torch.int64)
         seqs, labs = [], []
-        for (_, question, answer), grid in zip(items, grids):
+        for (_, question, answer), grid, form in zip(items, grids, forms or [("word", "")] * len(items)):
             n = int(grid.prod()) // 4
             prompt = self.prefix + [self.vs] + [self.pad_id] * n + [self.ve] + self.enc(question + ASSISTANT_PREFIX)
-            seqs.append(prompt + [self.answer_id[answer], self.im_end])
-            labs.append([-100] * len(prompt) + [self.answer_id[answer], self.im_end])
+            ids, labels = self.target(answer, *form)
+            seqs.append(prompt + ids)
+            labs.append([-100] * len(prompt) + labels)
         width = max(map(len, seqs))
         ids = torch.full((len(seqs), width), self.fill, dtype=torch.int64)
         labels = torch.full((len(seqs), width), -100, dtype=torch.int64)
@@ -189,6 +205,7 @@ def train(out: pathlib.Path, steps: int, seed: int, batch_size: int, lr: float, 
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": other, "weight_decay": 0.0}],
                             lr=lr, betas=(0.9, 0.98), eps=1e-8)
     stream = batches(seed, batch_size)
+    form_rng = random.Random(seed + 1)  # its own stream: the images do not depend on the forms
     out.mkdir(parents=True, exist_ok=True)
     log = (out / "train_log.jsonl").open("w")
     model.train()
@@ -197,7 +214,8 @@ def train(out: pathlib.Path, steps: int, seed: int, batch_size: int, lr: float, 
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, lr, warmup=max(1, steps // 20))
         qa = next(stream)
-        batch = encoder.batch([(s.image, question, answer) for s, _, question, answer in qa])
+        forms = [(form_rng.choices(FORMS, weights=FORM_WEIGHTS)[0], kind) for _, kind, _, _ in qa]
+        batch = encoder.batch([(s.image, question, answer) for s, _, question, answer in qa], forms)
         loss = model(**batch).loss
         aux = probe.loss(merged["out"], batch["image_grid_thw"], [s for s, *_ in qa])
         opt.zero_grad(set_to_none=True)
