@@ -17,19 +17,15 @@ import json
 import os
 import pathlib
 import re
-import shutil
 import signal
-import socket
 import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 
 import pytest
 import torch
 
+from bench.replicas import free_port, http, metric, smg_executable
 from servicer.tensors import decode_tensor
 from tests.fixtures import image
 from tests.oracle import Oracle  # the `oracle` fixture itself is conftest's (session)
@@ -37,32 +33,18 @@ from vlm_proto import vllm_engine_pb2 as pb
 
 pytestmark = pytest.mark.gateway
 
-SMG = shutil.which("smg", path=os.pathsep.join([str(pathlib.Path(sys.executable).parent), os.environ.get("PATH", "")]))
+SMG = smg_executable()
 if SMG is None:
     pytest.skip("the SMG gateway (`smg` executable, pip package smg) is not installed", allow_module_level=True)
 
 MAX_TOKENS = 8
 TIE_GAP = 1e-3  # random weights: HF and vLLM may part only where HF's top-2 logprob gap is this small
 READY_TIMEOUT_S = 180.0  # a 2-core machine shared with other test runs
-HTTP_TIMEOUT_S = 300.0
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _http_raw(method: str, url: str, body: dict | None = None) -> tuple[int, str]:
-    """Blocking HTTP call (run it in a thread: the gRPC server shares this event loop)."""
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=HTTP_TIMEOUT_S) as resp:
-            return resp.status, resp.read().decode(errors="replace")
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode(errors="replace")
+_free_port = free_port
+_http_raw = http  # blocking: run it in a thread (the gRPC server shares the test's event loop)
 
 
 def _http(method: str, url: str, body: dict | None = None) -> tuple[int, dict | str]:
@@ -84,9 +66,7 @@ class Gateway:
 
     def metric(self, name: str) -> float:
         """The sum of a Prometheus metric's samples on SMG's metrics endpoint (0 when absent)."""
-        _, text = _http_raw("GET", self.metrics_url)
-        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                   if line.startswith(name) and line[len(name):len(name) + 1] in ("{", " "))
+        return metric(self.metrics_url, name)
 
     def log_tail(self, lines: int = 150) -> str:
         text = ANSI.sub("", self.log.read_text(errors="replace")) if self.log.exists() else "(no log)"

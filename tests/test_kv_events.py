@@ -172,3 +172,47 @@ def test_hashes_keep_their_64_bits_and_unreadable_events_are_left_out():
     assert [b.block_hash for b in stored.blocks] == [-1, 5] and stored.blocks[0].extra_keys == (("abc", -1),)
     assert removed.block_hashes == (-1,) and (batch.sequence, batch.timestamp, batch.rank) == (3, 1.5, 0)
     assert decode_batch(4, b"\xc1", 0).events == ()  # not msgpack: relayed empty under its number
+
+
+async def test_relay_replays_from_a_cursor_and_refuses_one_outside_its_history():
+    """The relay's history and cursors as plain code (no engine, no sockets): batches after the cursor, then
+    live ones; every rank's batches relayed; a cursor outside the history, or a subscriber that stops
+    reading, is EngineCursorError (OUT_OF_RANGE on the wire)."""
+    from engine_adapter.errors import EngineCursorError
+    from engine_adapter.kv_events import KvEventRelay
+    from engine_adapter.types import KvBatch
+
+    relay = KvEventRelay({}, history=4)
+    for seq in range(1, 7):  # rank 0 publishes 1..6 (history keeps 3..6); rank 1 its own 1
+        relay._emit(KvBatch(seq, float(seq), 0, ()))
+    relay._emit(KvBatch(1, 7.0, 1, ()))  # pushes rank 0's 3 out: history is 4..6 and rank 1's 1
+
+    async def first(start: int, count: int) -> list[tuple[int, int]]:
+        stream = relay.subscribe(start)
+        got = [(b.rank, b.sequence) async for b in _take(stream, count)]
+        await stream.aclose()
+        return got
+
+    assert await first(4, 3) == [(0, 5), (0, 6), (1, 1)]  # resumes after the cursor
+    assert await first(3, 1) == [(0, 4)]  # the cursor is the batch before the oldest kept: still whole
+    for outside in (2, 7):  # evicted, or never published
+        with pytest.raises(EngineCursorError, match="start_sequence_number"):
+            await first(outside, 1)
+
+    live = relay.subscribe(0)
+    waiting = asyncio.ensure_future(live.__anext__())
+    await asyncio.sleep(0)
+    relay._emit(KvBatch(7, 8.0, 0, ()))
+    assert (await waiting).sequence == 7  # from 0: live batches only
+
+    for seq in range(8, 8 + 5):  # the subscriber reads nothing while its queue (4) overflows
+        relay._emit(KvBatch(seq, float(seq), 0, ()))
+    with pytest.raises(EngineCursorError, match="fell"):
+        async for _ in live:
+            pass
+    relay.close()
+
+
+async def _take(stream, count: int):
+    for _ in range(count):
+        yield await stream.__anext__()
