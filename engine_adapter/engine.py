@@ -122,6 +122,8 @@ class Engine:
             sampling = to_sampling_params(options)
         except VLLMValidationError as exc:
             raise _request_error(exc) from exc
+        if request.kv_transfer_params is not None:  # where vLLM's connectors read it
+            sampling.extra_args = {**(sampling.extra_args or {}), "kv_transfer_params": request.kv_transfer_params}
         self._check_constraint(options.constraint)
         engine_input = self._engine_input(request)
         # A gateway that shaped the grammar to start at the first token says so; vLLM would

@@ -51,4 +51,5 @@ def to_step_output(
         samples=samples,
         prompt_logprobs=prompt_lps,
         finished=output.finished,
+        kv_transfer_params=output.kv_transfer_params if output.finished else None,
     )

@@ -77,6 +77,7 @@ class EngineRequest:
     sampling: SamplingOptions | None = None
     media: tuple[MediaItem, ...] = ()  # in prompt order
     data_parallel_rank: int | None = None  # None: vLLM balances across its ranks
+    kv_transfer_params: dict | None = None  # for the engine's KV connector (prefill/decode disaggregation)
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,7 @@ class StepOutput:
     samples: tuple[SampleDelta, ...]
     prompt_logprobs: tuple[TokenLogprob, ...] | None  # only on the first step that has them
     finished: bool
+    kv_transfer_params: dict | None = None  # the KV connector's hand-off for the other leg (final step only)
 
 
 @dataclass(frozen=True)

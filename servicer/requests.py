@@ -1,13 +1,14 @@
 """GenerateRequest / EmbedRequest -> EngineRequest: every check a client can fail, each naming its field."""
 
 import dataclasses
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from engine_adapter.types import Constraint, EngineRequest, MediaItem, ModelInfo, SamplingOptions
-from servicer.errors import InvalidArgument, ResourceExhausted
+from servicer.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from servicer.multimodal import MODALITIES, ImagePolicy, decode_media, engine_prompt_ids
 from servicer.placeholders import expanded, shifted
 from vlm_proto import vllm_engine_pb2 as pb
@@ -17,15 +18,12 @@ def _refuse_unsupported(request: pb.GenerateRequest) -> None:
     """Options of the contract this servicer does not serve are refused by name, never ignored."""
     unsupported = {
         "text": request.WhichOneof("input") == "text",
-        "kv_transfer_params": request.HasField("kv_transfer_params"),
-        "kv_transfer_params_json": request.HasField("kv_transfer_params_json"),
         "media_refs": request.HasField("media_refs"),
     }
     named = [name for name, present in unsupported.items() if present]
     if named:
         raise InvalidArgument(
-            f"{', '.join(named)}: not supported by this servicer (it takes token ids and preprocessed "
-            "media, without KV transfer)"
+            f"{', '.join(named)}: not supported by this servicer (it takes token ids and preprocessed media)"
         )
 
 
@@ -61,6 +59,29 @@ def _rank(request: pb.GenerateRequest, info: ModelInfo) -> int | None:
         raise InvalidArgument(f"data_parallel_rank: {request.data_parallel_rank} is outside [0, "
                               f"{info.data_parallel_size}) (the engine's --data-parallel-size)")
     return request.data_parallel_rank
+
+
+def _kv_transfer(request: pb.GenerateRequest, info: ModelInfo) -> dict | None:
+    """The KV connector's parameters, passed to vLLM as they are (the JSON form wins over the legacy one)."""
+    if request.HasField("kv_transfer_params_json"):
+        where = "kv_transfer_params_json"
+        try:
+            params = json.loads(request.kv_transfer_params_json)
+        except ValueError as exc:
+            raise InvalidArgument(f"{where}: not JSON ({exc})") from exc
+        if not isinstance(params, dict):
+            raise InvalidArgument(f"{where}: a JSON object is expected, not {type(params).__name__}")
+    elif request.HasField("kv_transfer_params"):
+        where = "kv_transfer_params"
+        params = {"remote_host": request.kv_transfer_params.remote_host,
+                  "remote_port": request.kv_transfer_params.remote_port}
+    else:
+        return None
+    if not info.kv_connector:
+        raise FailedPrecondition(f"{where}: this worker has no KV connector; start its engine with vLLM's "
+                                 "--kv-transfer-config (e.g. '{\"kv_connector\": \"NixlConnector\", "
+                                 "\"kv_role\": \"kv_both\"}')")
+    return params
 
 
 def _check_ids(ids: list[int], info: ModelInfo) -> None:
@@ -188,11 +209,12 @@ class RequestDecoder:
         if request.WhichOneof("input") != "tokenized":
             raise InvalidArgument("tokenized: missing (this servicer takes token ids)")
         rank = _rank(request, self.info)
+        kv_transfer = _kv_transfer(request, self.info)
         ids, media, batches = self._prompt(request)
         ids, media = _truncate(ids, media, request.sampling_params, self.info)
         _check_length(ids, self.info)
         sampling = sampling_options(request.sampling_params, len(ids), self.info, self.max_n)
-        return self._decoded(request_id, ids, media, sampling, batches, rank)
+        return self._decoded(request_id, ids, media, sampling, batches, rank, kv_transfer)
 
     def decode_embed(self, request: pb.EmbedRequest, request_id: str) -> DecodedRequest:
         """An EmbedRequest through the same checks (no sampling); blocking like `decode`."""
@@ -222,10 +244,11 @@ class RequestDecoder:
         return ids, media, batches
 
     def _decoded(self, request_id: str, ids: list[int], media: list[MediaItem], sampling: SamplingOptions | None,
-                 batches: list[tuple[str, pb.MultimodalInputs]], rank: int | None = None) -> DecodedRequest:
+                 batches: list[tuple[str, pb.MultimodalInputs]], rank: int | None = None,
+                 kv_transfer: dict | None = None) -> DecodedRequest:
         engine_ids = engine_prompt_ids(ids, media, self.images, self.info)
         engine = EngineRequest(request_id=request_id, prompt_ids=tuple(engine_ids), sampling=sampling,
-                               media=tuple(media), data_parallel_rank=rank)
+                               media=tuple(media), data_parallel_rank=rank, kv_transfer_params=kv_transfer)
         mm_bytes: dict[str, int] = {}
         for t in _tensors([mm for _, mm in batches]):
             transport = t.WhichOneof("payload")

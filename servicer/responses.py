@@ -7,6 +7,7 @@ delta and the finish reason. Non-streaming sends one `complete` per sample, in
 index order, with everything accumulated.
 """
 
+import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -55,6 +56,8 @@ def _complete(delta_ids, step: StepOutput, sample: SampleDelta, logprobs, prompt
         complete.matched_token_id = sample.stop_token_id
     elif sample.stop_str is not None:
         complete.matched_stop_str = sample.stop_str
+    if step.kv_transfer_params is not None:
+        complete.kv_transfer_params_json = json.dumps(step.kv_transfer_params)
     return pb.GenerateResponse(complete=complete)
 
 

@@ -77,8 +77,19 @@ def _bad_requests(oracle, one_image, vocab, max_len):
                                   "sampling_params.truncate_prompt_tokens"),
         "truncate into image": (request(ids, mm=mm(), max_tokens=4, truncate_prompt_tokens=cut_keep), INVALID,
                                 f"keeping {cut_keep} of {len(ids) + 15} prompt tokens"),
-        "kv transfer": (pb.GenerateRequest(tokenized=pb.TokenizedInput(input_ids=text), kv_transfer_params_json="{}"),
-                        INVALID, "kv_transfer_params_json"),
+        "kv transfer without a connector": (
+            pb.GenerateRequest(tokenized=pb.TokenizedInput(input_ids=text), kv_transfer_params_json="{}"),
+            grpc.StatusCode.FAILED_PRECONDITION, "--kv-transfer-config"),
+        "legacy kv transfer without a connector": (
+            pb.GenerateRequest(tokenized=pb.TokenizedInput(input_ids=text),
+                               kv_transfer_params=pb.KvTransferParams(remote_host="127.0.0.1", remote_port=1)),
+            grpc.StatusCode.FAILED_PRECONDITION, "kv_transfer_params: this worker has no KV connector"),
+        "kv transfer not JSON": (
+            pb.GenerateRequest(tokenized=pb.TokenizedInput(input_ids=text), kv_transfer_params_json="{nope"),
+            INVALID, "kv_transfer_params_json: not JSON"),
+        "kv transfer not an object": (
+            pb.GenerateRequest(tokenized=pb.TokenizedInput(input_ids=text), kv_transfer_params_json="[1]"),
+            INVALID, "kv_transfer_params_json: a JSON object is expected"),
         "data parallel rank": (pb.GenerateRequest(tokenized=pb.TokenizedInput(input_ids=text), data_parallel_rank=1),
                                INVALID, "data_parallel_rank"),
         "text input": (pb.GenerateRequest(text="hello", sampling_params=pb.SamplingParams(max_tokens=4)), INVALID, "text"),
@@ -107,7 +118,9 @@ CASE_NAMES = [
     "max_tokens over context", "logprobs over limit", "negative temperature", "negative top_p", "min_p over 1",
     "empty stop string", "logit_bias outside vocab", "invalid json schema", "json schema not json", "invalid regex",
     "regex with NUL", "invalid grammar", "empty choice", "json_object false", "invalid structural tag", "truncate 0",
-    "truncate over context", "truncate into image", "kv transfer", "data parallel rank", "text input",
+    "truncate over context", "truncate into image", "kv transfer without a connector",
+    "legacy kv transfer without a connector", "kv transfer not JSON", "kv transfer not an object",
+    "data parallel rank", "text input",
     "video batch of image tensors", "videos over limit", "two image batches", "shm payload", "unexpected tensor",
 ]
 
