@@ -49,9 +49,21 @@ HTTP_TIMEOUT_S = 300.0
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free loopback port below the kernel's ephemeral range. A replica binds its ports only once its engine
+    is up, and meanwhile vLLM and UCX bind ephemeral ports of their own: one of those must never take it."""
+    try:
+        low = int(pathlib.Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    rng = random.SystemRandom()
+    while True:
+        port = rng.randrange(10_000, max(10_001, low))
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
 
 
 def http(method: str, url: str, body: dict | None = None, timeout: float = HTTP_TIMEOUT_S) -> tuple[int, str]:
@@ -78,8 +90,9 @@ class Replica:
     """One `vlm-servicer serve` process in its own process group (its engine core is in it), on fixed ports so
     that a restart comes back at the same address."""
 
-    def __init__(self, index: int, workdir: pathlib.Path, model: pathlib.Path = MODEL):
-        self.index, self.model = index, model
+    def __init__(self, index: int, workdir: pathlib.Path, model: pathlib.Path = MODEL, flags: tuple[str, ...] = (),
+                 env: dict[str, str] | None = None):
+        self.index, self.model, self.flags, self.env = index, model, flags, env or {}
         self.port, self.metrics_port = free_port(), free_port()
         self.workdir = workdir / f"replica{index}"
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -100,11 +113,11 @@ class Replica:
                   "endpoint": f"ipc://{self.workdir}/events", "replay_endpoint": f"ipc://{self.workdir}/replay"}
         cmd = [sys.executable, "-m", "servicer.cli", "serve", "--model", str(self.model), "--host", "127.0.0.1",
                "--port", str(self.port), "--metrics-port", str(self.metrics_port), *ENGINE_ARGS,
-               "--kv-events-config", json.dumps(events)]
+               "--kv-events-config", json.dumps(events), *self.flags]
         # vLLM's CPU build pins every engine's compute threads to the same core by default; replicas sharing a
         # host each take their own (vLLM's VLLM_CPU_OMP_THREADS_BIND), or a restarting one starves for minutes.
         env = {"VLLM_CPU_OMP_THREADS_BIND": str(self.index % (os.cpu_count() or 1)), **os.environ,
-               "VLLM_WORKER_MULTIPROC_METHOD": "spawn"}
+               "VLLM_WORKER_MULTIPROC_METHOD": "spawn", **self.env}
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                          env=env, start_new_session=True)
@@ -143,8 +156,9 @@ class Replica:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
 
-def start_replicas(count: int, workdir: pathlib.Path) -> list[Replica]:
-    replicas = [Replica(i, workdir) for i in range(count)]
+def start_replicas(count: int, workdir: pathlib.Path, configure=lambda index: {}) -> list[Replica]:
+    """`configure(index)`: Replica keyword arguments (flags, env) for that replica."""
+    replicas = [Replica(i, workdir, **configure(i)) for i in range(count)]
     for r in replicas:  # all engines load at once: ~1 min on 2 cores for three
         r.start()
     deadline = time.monotonic() + START_TIMEOUT_S
@@ -206,10 +220,13 @@ def smg_executable() -> str | None:
 
 
 def launch_gateway(replicas: list[Replica], policy: str, log: pathlib.Path, *flags: str,
-                   model: pathlib.Path = MODEL) -> Gateway:
-    """`smg launch` over the replicas' gRPC URLs with `policy`; returns once all are healthy and it lists the model."""
+                   model: pathlib.Path = MODEL, pd: bool = False) -> Gateway:
+    """`smg launch` over the replicas' gRPC URLs with `policy` (`pd`: the first replica prefills, the second
+    decodes); returns once all are healthy and it lists the model."""
     port, metrics_port = free_port(), free_port()
-    cmd = [smg_executable(), "launch", "--worker-urls", *(r.url for r in replicas), "--policy", policy,
+    workers = (["--pd-disaggregation", "--prefill", replicas[0].url, "--decode", replicas[1].url] if pd
+               else ["--worker-urls", *(r.url for r in replicas), "--policy", policy])
+    cmd = [smg_executable(), "launch", *workers,
            "--host", "127.0.0.1", "--port", str(port), "--prometheus-host", "127.0.0.1",
            "--prometheus-port", str(metrics_port), "--model-path", str(model), *SMG_HEALTH, *flags]
     with open(log, "wb") as out:

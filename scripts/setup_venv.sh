@@ -23,6 +23,9 @@ else
   # PyPI's torchaudio/torchcodec are CUDA builds that break transformers' processing
   # imports next to CPU torch; images need neither.
   "$py" -m pip uninstall --quiet -y torchaudio torchcodec 2>/dev/null || true
+  # NIXL, vLLM's prefill/decode KV connector. Its UCX backend runs without a GPU (kv_buffer_device "cpu").
+  # The `nixl` meta-package would pull both CUDA flavours; 1.5.2 names a nixl-cu12 PyPI lacks.
+  pip --no-deps "nixl==1.5.1" "nixl-cu12==1.5.1"
 fi
 pip -e ".[test,dev]"
 "$py" scripts/fix_torchvision.py
