@@ -1,0 +1,115 @@
+"""Prefill/decode disaggregation against one worker, both behind the real SMG gateway (measured, not asserted).
+
+    python -m bench.pd [--requests 24] [--prompt-words 200] [--max-tokens 32] [--concurrency 4]
+
+Three `vlm-servicer serve` processes: a NIXL prefill worker and a NIXL decode worker (CPU buffers over UCX)
+behind `smg launch --pd-disaggregation`, and one plain worker behind its own `smg launch`. The same streamed
+text chats go to each setup in turn, A B A B; reported per setup: time to first token, decode rate per
+request (tokens after the first over the time after the first), and req/s. On 2 CPU cores the three engines
+share the cores: these figures say how the path behaves here, not what GPUs would gain.
+"""
+
+import argparse
+import asyncio
+import json
+import pathlib
+import random
+import statistics
+import sys
+import tempfile
+import time
+import urllib.request
+
+from bench.replicas import free_port, launch_gateway, smg_executable, start_replicas
+
+ROLES = ("kv_producer", "kv_consumer", None)
+
+
+def _configure(index: int) -> dict:
+    if ROLES[index] is None:
+        return {}
+    connector = {"kv_connector": "NixlConnector", "kv_role": ROLES[index], "kv_buffer_device": "cpu"}
+    return {"flags": ("--kv-transfer-config", json.dumps(connector)),
+            "env": {"VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port())}}
+
+
+def _stream(url: str, model: str, text: str, max_tokens: int) -> tuple[float, float, int]:
+    """(seconds to the first token, seconds in all, tokens) for one streamed chat completion."""
+    body = {"model": model, "messages": [{"role": "user", "content": text}], "max_tokens": max_tokens,
+            "temperature": 0, "ignore_eos": True, "stream": True}
+    req = urllib.request.Request(f"{url}/v1/chat/completions", data=json.dumps(body).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    start, first, tokens = time.perf_counter(), 0.0, 0
+    with urllib.request.urlopen(req, timeout=300) as resp:
+        for raw in resp:
+            line = raw.decode(errors="replace").strip()
+            if line.startswith("data:") and line != "data: [DONE]":
+                for choice in json.loads(line[5:]).get("choices", []):
+                    if choice.get("delta", {}).get("content"):
+                        first = first or time.perf_counter() - start
+                        tokens += 1
+    return first, time.perf_counter() - start, tokens
+
+
+async def _load(url: str, model: str, prompts: list[str], max_tokens: int, concurrency: int) -> dict:
+    gate = asyncio.Semaphore(concurrency)
+    results = []
+
+    async def one(text: str) -> None:
+        async with gate:
+            results.append(await asyncio.to_thread(_stream, url, model, text, max_tokens))
+
+    start = time.perf_counter()
+    await asyncio.gather(*(one(p) for p in prompts))
+    wall = time.perf_counter() - start
+    ttft = [r[0] for r in results]
+    rate = [(r[2] - 1) / (r[1] - r[0]) for r in results if r[2] > 1 and r[1] > r[0]]
+    return {"ttft_p50_ms": round(1000 * statistics.median(ttft), 1), "decode_tok_s_p50": round(statistics.median(rate), 1),
+            "req_s": round(len(results) / wall, 2)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=24)
+    parser.add_argument("--prompt-words", type=int, default=200)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args(argv)
+    if smg_executable() is None:
+        sys.exit("the SMG gateway is not installed (pip install smg)")
+    words = ["red", "blue", "shape", "corner", "light", "edge", "pattern", "noise", "left", "right", "sky", "rain"]
+    rows: dict[str, list[dict]] = {"PD (NIXL)": [], "one worker": []}
+    with tempfile.TemporaryDirectory(prefix="pd-") as tmp:
+        workdir = pathlib.Path(tmp)
+        prefill, decode, single = start_replicas(3, workdir, _configure)
+        gateways = {"PD (NIXL)": launch_gateway([prefill, decode], "", workdir / "smg-pd.log", pd=True),
+                    "one worker": launch_gateway([single], "round_robin", workdir / "smg-one.log")}
+        try:
+            for n in range(args.rounds):  # fresh prompts every round: no prefix-cache hits across runs
+                for label, gw in gateways.items():
+                    rng = random.Random(f"{n}-{label}")
+                    prompts = [" ".join(rng.choices(words, k=args.prompt_words)) for _ in range(args.requests)]
+                    try:
+                        rows[label].append(asyncio.run(_load(gw.url, gw.model, prompts, args.max_tokens,
+                                                             args.concurrency)))
+                    except OSError:
+                        print(f"{label} failed; SMG log:\n{gw.tail(40)}\ndecode log:\n{decode.tail(30)}")
+                        raise
+                    print(json.dumps({"round": n, "setup": label, **rows[label][-1]}), flush=True)
+        finally:
+            for gw in gateways.values():
+                gw.stop()
+            for r in (prefill, decode, single):
+                r.stop()
+    print(f"\n{args.requests} streamed text chats per run, ~{args.prompt_words} words, {args.max_tokens} tokens, "
+          f"concurrency {args.concurrency}, medians over {args.rounds} rounds (A B A B), tiny Qwen2-VL on 2 CPU cores")
+    print(f"{'setup':<12} {'TTFT p50 ms':>12} {'decode tok/s p50':>17} {'req/s':>7}")
+    for label, runs in rows.items():
+        med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+        print(f"{label:<12} {med['ttft_p50_ms']:>12.1f} {med['decode_tok_s_p50']:>17.1f} {med['req_s']:>7.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
