@@ -75,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--smg-flag", action="append", default=[], help="passed to both `smg launch` (repeatable)")
     args = parser.parse_args(argv)
     if smg_executable() is None:
         sys.exit("the SMG gateway is not installed (pip install smg)")
@@ -83,8 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="pd-") as tmp:
         workdir = pathlib.Path(tmp)
         prefill, decode, single = start_replicas(3, workdir, _configure)
-        gateways = {"PD (NIXL)": launch_gateway([prefill, decode], "", workdir / "smg-pd.log", pd=True),
-                    "one worker": launch_gateway([single], "round_robin", workdir / "smg-one.log")}
+        gateways = {"PD (NIXL)": launch_gateway([prefill, decode], "", workdir / "smg-pd.log", *args.smg_flag, pd=True),
+                    "one worker": launch_gateway([single], "round_robin", workdir / "smg-one.log", *args.smg_flag)}
         try:
             for n in range(args.rounds):  # fresh prompts every round: no prefix-cache hits across runs
                 for label, gw in gateways.items():
