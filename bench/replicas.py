@@ -76,14 +76,16 @@ def http(method: str, url: str, body: dict | None = None, timeout: float = HTTP_
         return exc.code, exc.read().decode(errors="replace")
 
 
-def metric(url: str, name: str) -> float:
-    """The sum of a Prometheus metric's samples (0 when absent or unreachable)."""
+def metric(url: str, name: str, label: str = "") -> float:
+    """The sum of a Prometheus metric's samples, those whose labels include `label` (`source="x"`) if given
+    (0 when absent or unreachable)."""
     try:
         _, text = http("GET", url, timeout=5)
     except OSError:
         return 0.0
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith(name) and line[len(name):len(name) + 1] in ("{", " "))
+               if line.startswith(name) and line[len(name):len(name) + 1] in ("{", " ")
+               and label in line.rsplit(" ", 1)[0])
 
 
 class Replica:

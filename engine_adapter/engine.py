@@ -7,6 +7,7 @@ sees a vLLM object.
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import AsyncIterator, Sequence
 
 import vllm
@@ -28,6 +29,7 @@ from engine_adapter.pixels import prepare_pixels
 from engine_adapter.prompt import build_engine_input
 from engine_adapter.sampling import SAMPLING_FIELDS, structured_outputs, to_sampling_params
 from engine_adapter.shm_ring import claim_ring_name
+from engine_adapter.vllm_plugins import SHM_RECHECK_ENV
 from engine_adapter.types import (
     Constraint, Embedding, EngineRequest, EngineStats, KvBatch, ModelInfo, RankLoad, SamplingOptions,
     StepOutput,
@@ -59,6 +61,10 @@ class _StatsRecorder(StatLoggerBase):
         self.load = stats.ranks.setdefault(rank, RankLoad())
 
     def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx=0):
+        if iteration_stats is not None:
+            by_source = self.stats.prompt_tokens_by_source
+            for source in by_source:
+                by_source[source] += iteration_stats.prompt_token_stats.get_by_source(source)
         if scheduler_stats is None:
             return
         self.load.num_running = scheduler_stats.num_running_reqs
@@ -97,6 +103,8 @@ class Engine:
     def start(cls, args: AsyncEngineArgs) -> "Engine":
         """Build the engine (blocking: ~30 s on CPU). Call under `if __name__ == "__main__"`."""
         stats = EngineStats()
+        # Read by our vLLM plugin in the engine's processes (vllm_plugins.py); a value the user set wins.
+        os.environ.setdefault(SHM_RECHECK_ENV, "20")
         if args.mm_processor_cache_type == "shm":
             logger.info("multimodal items shared with the engine's ranks through shared memory ring %s", claim_ring_name())
         llm = AsyncLLM.from_engine_args(args, stat_loggers=[lambda config, index=0: _StatsRecorder(stats, index)])

@@ -20,8 +20,9 @@ _GRID = {"image": "image_grid_thw", "video": "video_grid_thw"}
 
 
 def _item(mm_processor, media: MediaItem):
-    tensors = BatchFeature({_PIXELS[media.modality]: media.pixel_values,
-                            _GRID[media.modality]: torch.tensor([media.grid_thw], dtype=torch.int64)})
+    tensors = BatchFeature({_GRID[media.modality]: torch.tensor([media.grid_thw], dtype=torch.int64)})
+    if media.pixel_values is not None:  # else metadata only, as vLLM's own disaggregated front end sends it
+        tensors[_PIXELS[media.modality]] = media.pixel_values
     if media.second_per_grid is not None:
         tensors["second_per_grid_ts"] = torch.tensor([media.second_per_grid], dtype=torch.float32)
     # The model's declared layout (flat pixel rows by grid size, batched grid, ...).

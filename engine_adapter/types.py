@@ -58,7 +58,7 @@ class SamplingOptions:
 class MediaItem:
     """One image or video: its patches (engine-ready dtype), its grid and where its embeddings go."""
 
-    pixel_values: torch.Tensor  # [t*h*w patches, C*t_patch*p*p]
+    pixel_values: torch.Tensor | None  # [t*h*w patches, C*t_patch*p*p]; None: prompt KV comes from a prefill worker
     grid_thw: tuple[int, int, int]
     identity: str  # multimodal identifier: encoder-cache and prefix-cache key
     offset: int  # first prompt position of this item's placeholder range
@@ -169,6 +169,7 @@ class ModelInfo:
     kv_connector: str  # "" without --kv-transfer-config
     kv_role: str
     kv_engine_id: str
+    kv_consumer_without_pixels: bool  # a KV consumer that fails (never recomputes) a failed load: media may come pixel-less
     profiler: str  # "" without --profiler-config
     kv_events: bool  # --kv-events-config enables vLLM's ZMQ publisher
 
@@ -234,6 +235,10 @@ class EngineStats:
     prefix_cache_hits: int = 0
     mm_items_published: int = 0  # items written to the ranks' shared-memory ring
     mm_items_reused: int = 0  # items whose identity was already there (no bytes sent)
+    # Prompt tokens by where their KV came from (vLLM's sources): computed here, this engine's prefix
+    # cache, or a KV connector (a prefill worker's transfer).
+    prompt_tokens_by_source: dict[str, int] = field(
+        default_factory=lambda: dict.fromkeys(("local_compute", "local_cache_hit", "external_kv_transfer"), 0))
 
     @property
     def prefix_cache_hit_rate(self) -> float:

@@ -30,7 +30,7 @@ from servicer.image_store import ImageStore
 from servicer.kv_events import MediaTokens, kv_event_batch
 from servicer.shm import ConsumedSegments
 from servicer.metrics import Metrics
-from servicer.multimodal import ImagePolicy
+from servicer.multimodal import ImagePolicy, media_identity
 from servicer.requests import RequestDecoder
 from servicer.responses import Accumulator, StreamEncoder
 from vlm_proto import common_pb2, vllm_engine_pb2 as pb, vllm_engine_pb2_grpc as pb_grpc
@@ -60,6 +60,12 @@ async def _fail(context: grpc.aio.ServicerContext, exc: BaseException, what: str
     else:
         logger.info("%s refused: %s %s", what, code.name, message)
     await context.abort(code, message, trailing_metadata=metadata)
+
+
+def _with_identity(response: pb.GenerateResponse, identity: pb.MediaIdentity | None) -> pb.GenerateResponse:
+    if identity is not None and response.HasField("complete"):
+        response.complete.media_identity.CopyFrom(identity)
+    return response
 
 
 def _guard(rpc):
@@ -122,7 +128,8 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
         # The caller's ids of each image's range, for KV events (only needed where the engine ran pad values).
         self.media_tokens = MediaTokens() if engine.info.kv_events and config.mm_pad_values else None
         self.decoder = RequestDecoder(engine.info, config.max_n, engine.prepare_pixels, policy, engine.stamp_ids)
-        metrics.bind(lambda: len(self.in_flight), lambda: engine.stats.prefix_cache_hit_rate, self.image_store)
+        metrics.bind(lambda: len(self.in_flight), lambda: engine.stats.prefix_cache_hit_rate, self.image_store,
+                     lambda: dict(engine.stats.prompt_tokens_by_source))
 
     def close(self) -> None:
         self._decode_pool.shutdown(wait=False, cancel_futures=True)
@@ -145,6 +152,9 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
             # expanded), with the caller's own token ids (never the pad values).
             encoder = StreamEncoder(decoded.prompt_ids) if request.stream else None
             accumulated = Accumulator(decoded.prompt_ids) if not request.stream else None
+            # A prefill leg's images, by identity, for its decode leg (which then needs no pixels).
+            identity = (media_identity(decoded.prompt_ids, engine_request.media)
+                        if engine_request.kv_transfer_params is not None and engine_request.media else None)
             async for step in self.engine.generate(engine_request):
                 state.cached_tokens = step.cached_tokens
                 state.completion_tokens += sum(len(s.token_ids) for s in step.samples)
@@ -152,13 +162,13 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
                 if encoder is not None:
                     for response in encoder.encode(step):
                         state.first_response = state.first_response or time.monotonic()
-                        yield response
+                        yield _with_identity(response, identity)
                 else:
                     accumulated.add(step)
             if accumulated is not None:
                 for response in accumulated.completes():
                     state.first_response = state.first_response or time.monotonic()
-                    yield response
+                    yield _with_identity(response, identity)
 
     @_guard
     async def Embed(self, request: pb.EmbedRequest, context) -> pb.EmbedResponse:

@@ -30,16 +30,32 @@ class Metrics:
         self.active = Gauge("vlm_active_requests", "Generate calls in flight", registry=r)
         self.prefix_hit_rate = Gauge("vlm_prefix_cache_hit_rate", "Cumulative prefix-cache hit rate (tokens)", registry=r)
 
-    def bind(self, active: Callable[[], int], hit_rate: Callable[[], float], store: ImageStore) -> None:
-        """Gauges and the image store's figures are read live at scrape time."""
+    def bind(self, active: Callable[[], int], hit_rate: Callable[[], float], store: ImageStore,
+             prompt_sources: Callable[[], dict[str, int]]) -> None:
+        """Gauges, the image store's and the engine's figures are read live at scrape time."""
         self.active.set_function(active)
         self.prefix_hit_rate.set_function(hit_rate)
         self.registry.register(_StoreCollector(store))
+        self.registry.register(_PromptSourceCollector(prompt_sources))
 
     def serve(self, host: str, port: int) -> int:
         """Start the HTTP endpoint (a daemon thread); return the bound port (port 0 picks one)."""
         server, _ = start_http_server(port, addr=host, registry=self.registry)
         return server.server_port
+
+
+class _PromptSourceCollector:
+    """The engine's prompt tokens by source; `external_kv_transfer` is what a decode worker did not compute."""
+
+    def __init__(self, sources: Callable[[], dict[str, int]]):
+        self.sources = sources
+
+    def collect(self):
+        family = CounterMetricFamily("vlm_engine_prompt_tokens", "Prompt tokens by where their KV came from",
+                                     labels=["source"])
+        for source, count in self.sources().items():
+            family.add_metric([source], count)
+        yield family
 
 
 class _StoreCollector:

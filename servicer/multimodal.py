@@ -19,7 +19,7 @@ from servicer.identity import image_identity, pad_values
 from servicer.image_store import ImageStore, StoredImage
 from servicer.placeholders import frame_layout, place_items
 from servicer.shm import ConsumedSegments
-from servicer.tensors import SegmentGone, decode_tensor
+from servicer.tensors import SegmentGone, decode_tensor, encode_tensor
 from vlm_proto import common_pb2, vllm_engine_pb2 as pb
 
 
@@ -100,6 +100,9 @@ def _check_layout_keys(mm: pb.MultimodalInputs, kind: Modality, where: str, coun
             raise InvalidArgument(f"{where}.batched_keys: '{key}' first dimension {list(first)} != {count} {kind.name}s")
 
 
+PIXEL_LESS_PREFIX = "kv-from-prefill:"  # identity of an item a decode leg carries without pixels
+
+
 @dataclass(frozen=True)
 class ImagePolicy:
     """How images are identified, padded and remembered (from ServerConfig)."""
@@ -135,8 +138,12 @@ def _identities(mm: pb.MultimodalInputs, kind: Modality, where: str, raw: list[t
     return out
 
 
-def _resolve(identities, ready, grids, kind: Modality, where: str, store: ImageStore) -> list[torch.Tensor]:
-    """Engine-ready pixels per item: the request's own (then stored), or the store's for references."""
+def _resolve(identities, ready, grids, kind: Modality, where: str, store: ImageStore,
+             kv_from_prefill: bool) -> list[torch.Tensor | None]:
+    """Engine-ready pixels per item: the request's own (then stored), or the store's for references.
+
+    On a decode leg whose prompt KV comes from a prefill worker, a reference this servicer
+    does not hold stays None: the engine only needs its grid (positions) and identity."""
     out, missing = [], []
     for i, (ident, px, thw) in enumerate(zip(identities, ready, grids)):
         if px is not None:
@@ -144,7 +151,9 @@ def _resolve(identities, ready, grids, kind: Modality, where: str, store: ImageS
         else:
             stored = store.get(ident)
             if stored is None:
-                missing.append(ident)
+                if not kv_from_prefill:
+                    missing.append(ident)
+                out.append(None)
                 continue
             if stored.grid_thw != thw:
                 raise InvalidArgument(
@@ -233,13 +242,15 @@ def decode_media(
     prepare_pixels: Callable[[torch.Tensor], torch.Tensor],
     policy: ImagePolicy,
     stamp_ids: Callable[[float], Sequence[int]],
+    kv_from_prefill: bool = False,
 ) -> tuple[list[MediaItem], list[tuple[int, tuple[int, ...]]]]:
     """Validate one image or video batch (`where` names it in errors) against the ids as sent.
 
     Returns the items in prompt order, placed in the ids as sent, and the insertions
     their one-per-item placeholders need (the caller expands and shifts every batch's
     items together). Items without pixels (no `pixel_values`, or 0 rows in the flat_keys
-    sizes tensor) are references, resolved from the store by identity.
+    sizes tensor) are references, resolved from the store by identity, or (`kv_from_prefill`:
+    the engine loads this prompt's KV from a prefill worker) sent to the engine without pixels.
     """
     kind = MODALITIES.get(mm.modality)
     if kind is None:
@@ -276,11 +287,14 @@ def decode_media(
     if pixels is not None and mm.pixel_values.WhichOneof("payload") == "shm":
         policy.consumed.remember(mm.pixel_values.shm.name, tuple(identities[i] for i, n in enumerate(sent_rows) if n))
     try:
-        ready = _resolve(identities, ready, grids, kind, where, policy.store)
+        ready = _resolve(identities, ready, grids, kind, where, policy.store, kv_from_prefill)
     except FailedPrecondition:
         if gone is None:
             raise
         raise gone from None  # name the segment the gateway retried, not our identities
+    # A pixel-less item gets a name of its own, so no engine cache keyed by identity ever hands
+    # its metadata-only entry to a request that needs the pixels.
+    identities = [ident if px is not None else f"{PIXEL_LESS_PREFIX}{ident}" for ident, px in zip(identities, ready)]
     return [
         MediaItem(pixel_values=px, grid_thw=thw, identity=ident, offset=place.offset, length=place.length,
                   is_embed=place.is_embed, modality=kind.name, second_per_grid=sec)
@@ -303,3 +317,26 @@ def engine_prompt_ids(ids: list[int], media: list[MediaItem], policy: ImagePolic
         for pos, pad in zip(positions, pad_values(item.identity, len(positions), policy.pad_candidates)):
             out[pos] = pad
     return out
+
+
+def media_identity(prompt_ids: Sequence[int], media: Sequence[MediaItem]) -> pb.MediaIdentity:
+    """The prompt as a decode leg can resend it without pixels: the caller's expanded ids and, per
+    modality, each item's identity, placeholder range and grid (a prefill leg returns this)."""
+    batches = []
+    for kind, enum in ((IMAGE, common_pb2.IMAGE), (VIDEO, common_pb2.VIDEO)):
+        items = [m for m in media if m.modality == kind.name]
+        if not items:
+            continue
+        mm = pb.MultimodalInputs(
+            modality=enum, mm_hashes=[m.identity for m in items],
+            mm_placeholders=[pb.PlaceholderRange(offset=m.offset, length=m.length) for m in items],
+            model_specific_tensors={kind.grid_key: encode_tensor(torch.tensor([m.grid_thw for m in items]))})
+        if kind is VIDEO and any(m.second_per_grid is not None for m in items):
+            mm.model_specific_tensors[kind.time_keys[0]].CopyFrom(
+                encode_tensor(torch.tensor([m.second_per_grid or 0.0 for m in items], dtype=torch.float32)))
+        batches.append(mm)
+    identity = pb.MediaIdentity(prompt_token_ids=prompt_ids)
+    if batches:
+        identity.mm_inputs.CopyFrom(batches[0])
+        identity.extra_mm_inputs.extend(batches[1:])
+    return identity

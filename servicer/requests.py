@@ -84,6 +84,12 @@ def _kv_transfer(request: pb.GenerateRequest, info: ModelInfo) -> dict | None:
     return params
 
 
+def _kv_from_prefill(params: dict | None, info: ModelInfo) -> bool:
+    """A decode leg: its engine loads the prompt's KV from a prefill worker, so its media need no pixels
+    (SMG sends them pixel-less). Not where a failed load would be recomputed: that needs the pixels."""
+    return bool(params and params.get("do_remote_prefill")) and info.kv_consumer_without_pixels
+
+
 def _check_ids(ids: list[int], info: ModelInfo) -> None:
     if not ids:
         raise InvalidArgument("tokenized.input_ids: empty prompt")
@@ -210,7 +216,7 @@ class RequestDecoder:
             raise InvalidArgument("tokenized: missing (this servicer takes token ids)")
         rank = _rank(request, self.info)
         kv_transfer = _kv_transfer(request, self.info)
-        ids, media, batches = self._prompt(request)
+        ids, media, batches = self._prompt(request, _kv_from_prefill(kv_transfer, self.info))
         ids, media = _truncate(ids, media, request.sampling_params, self.info)
         _check_length(ids, self.info)
         sampling = sampling_options(request.sampling_params, len(ids), self.info, self.max_n)
@@ -224,7 +230,7 @@ class RequestDecoder:
         _check_length(ids, self.info, room=0)  # a pooled prompt generates nothing
         return self._decoded(request_id, ids, media, None, batches)
 
-    def _prompt(self, request) -> tuple[list[int], list[MediaItem], list[tuple[str, pb.MultimodalInputs]]]:
+    def _prompt(self, request, kv_from_prefill: bool = False) -> tuple[list[int], list[MediaItem], list[tuple[str, pb.MultimodalInputs]]]:
         """The ids with every image and video placed and expanded, for a Generate or an Embed request."""
         ids = list(request.tokenized.input_ids)
         _check_ids(ids, self.info)
@@ -233,7 +239,8 @@ class RequestDecoder:
             raise InvalidArgument(f"mm_inputs: model {self.info.served_model_name} takes no images or videos")
         media, inserts = [], []
         for where, mm in batches:  # every batch placed on the ids as sent, then all expanded at once
-            items, added = decode_media(mm, where, ids, self.info, self.prepare_pixels, self.images, self.stamp_ids)
+            items, added = decode_media(mm, where, ids, self.info, self.prepare_pixels, self.images, self.stamp_ids,
+                                        kv_from_prefill)
             media, inserts = media + items, inserts + added
         ids = expanded(ids, inserts)
         media = sorted((dataclasses.replace(m, offset=shifted(m.offset, inserts)) for m in media), key=lambda m: m.offset)
