@@ -92,7 +92,11 @@ def model_info(config: VllmConfig, tokenizer) -> ModelInfo:
         kv_connector=(kv and kv.kv_connector) or "",
         kv_role=(kv and kv.kv_role) or "",
         kv_engine_id=(kv and kv.engine_id) or "",
-        kv_consumer_without_pixels=bool(kv and kv.is_kv_consumer and kv.kv_load_failure_policy == "fail"),
+        # NIXL loads a remote-prefill request's whole prompt or fails the request. Under a connector that may
+        # load less, or a "recompute" policy, the engine would encode an image it has no pixels for, and that
+        # kills vLLM's engine core.
+        kv_consumer_without_pixels=bool(kv and kv.is_kv_consumer and kv.kv_connector == "NixlConnector"
+                                        and kv.kv_load_failure_policy == "fail"),
         profiler=config.profiler_config.profiler or "",
         kv_events=bool(config.kv_events_config and config.kv_events_config.enable_kv_cache_events
                        and config.kv_events_config.publisher == "zmq"),

@@ -169,7 +169,7 @@ class ModelInfo:
     kv_connector: str  # "" without --kv-transfer-config
     kv_role: str
     kv_engine_id: str
-    kv_consumer_without_pixels: bool  # a KV consumer that fails (never recomputes) a failed load: media may come pixel-less
+    kv_consumer_without_pixels: bool  # NIXL consumer failing (not recomputing) a failed load: media may come pixel-less
     profiler: str  # "" without --profiler-config
     kv_events: bool  # --kv-events-config enables vLLM's ZMQ publisher
 

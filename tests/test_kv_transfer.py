@@ -9,11 +9,13 @@ the same as without parameters. A worker without a connector is FAILED_PRECONDIT
 
 import json
 
+import grpc
 import pytest
 import pytest_asyncio
 
 from tests.conftest import _start_engine, extra_server
-from tests.fixtures import ENGINE_ARGS, MODEL, request
+from servicer.tensors import decode_tensor
+from tests.fixtures import ENGINE_ARGS, MODEL, image, mm_inputs, request, tensor
 from vlm_proto import vllm_engine_pb2 as pb
 
 pytestmark = pytest.mark.engine
@@ -62,3 +64,40 @@ async def test_the_legacy_typed_field_arrives_as_its_two_keys(echo_stub):
     req.kv_transfer_params.CopyFrom(pb.KvTransferParams(remote_host="10.0.0.7", remote_port=5600))
     [done] = await _completes(echo_stub, req)
     assert json.loads(done.kv_transfer_params_json)["received"] == {"remote_host": "10.0.0.7", "remote_port": 5600}
+
+
+async def test_a_prefill_leg_returns_its_images_by_identity(echo_stub, oracle):
+    """`GenerateComplete.media_identity`: the expanded ids and each image's identity, range and grid, which a
+    decode leg can send instead of the pixels."""
+    imgs = oracle.images([image(112, 84, seed=41)])
+    ids = oracle.chat_ids("What is in the image?", 1)
+    req = request(ids, mm=mm_inputs(imgs.raw, imgs.grid), temperature=0.0, max_tokens=2)
+    req.kv_transfer_params_json = json.dumps({"do_remote_decode": True})
+    call = echo_stub.Generate(req)
+    identities = dict(await call.initial_metadata())["vlm-mm-identities"]
+    [done] = [r.complete async for r in call]
+    media = done.media_identity
+    assert list(media.prompt_token_ids) == oracle.chat_ids("What is in the image?", 1, imgs.tokens_per_image)
+    assert list(media.mm_inputs.mm_hashes) == [identities]
+    [place] = media.mm_inputs.mm_placeholders
+    assert set(media.prompt_token_ids[place.offset:place.offset + place.length]) == {oracle.pad}
+    assert decode_tensor("grid", media.mm_inputs.model_specific_tensors["image_grid_thw"]).tolist() == imgs.grid.tolist()
+    assert not media.mm_inputs.HasField("pixel_values")
+    # Without KV parameters a completion carries no identity.
+    [plain] = await _completes(echo_stub, request(ids, mm=mm_inputs(imgs.raw, imgs.grid), temperature=0.0, max_tokens=2))
+    assert not plain.HasField("media_identity")
+
+
+async def test_pixel_less_image_needs_a_connector_that_loads_the_whole_prompt(echo_stub, oracle):
+    """This connector loads nothing, so the engine would have to encode an image it has no pixels for (vLLM's
+    engine core dies of that): a decode leg's pixel-less image is refused here, naming it, and the engine serves on."""
+    imgs = oracle.images([image(112, 84, seed=42)])
+    ids = oracle.chat_ids("What is in the image?", 1)
+    mm = pb.MultimodalInputs(model_specific_tensors={"image_grid_thw": tensor(imgs.grid)}, mm_hashes=["d" * 32])
+    req = request(ids, mm=mm, temperature=0.0, max_tokens=2)
+    req.kv_transfer_params_json = json.dumps({"do_remote_prefill": True})
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await _completes(echo_stub, req)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "d" * 32 in err.value.details()
+    [after] = await _completes(echo_stub, request(PROMPT, temperature=0.0, max_tokens=2))
+    assert len(after.output_ids) == 2
