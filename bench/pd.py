@@ -1,12 +1,14 @@
 """Prefill/decode disaggregation against one worker, both behind the real SMG gateway (measured, not asserted).
 
-    python -m bench.pd [--requests 24] [--prompt-words 200] [--max-tokens 32] [--concurrency 4]
+    python -m bench.pd [--requests 24] [--prompt-words 200] [--max-tokens 32] [--concurrency 4] [--image-size 224]
 
-Three `vlm-servicer serve` processes: a NIXL prefill worker and a NIXL decode worker (CPU buffers over UCX)
-behind `smg launch --pd-disaggregation`, and one plain worker behind its own `smg launch`. The same streamed
-text chats go to each setup in turn, A B A B; reported per setup: time to first token, decode rate per
-request (tokens after the first over the time after the first), and req/s. On 2 CPU cores the three engines
-share the cores: these figures say how the path behaves here, not what GPUs would gain.
+Setups, each run alone (its engines started for the run and stopped after it), A B A B: a NIXL prefill
+worker and a NIXL decode worker (CPU buffers over UCX) behind `smg launch --pd-disaggregation`, and one plain
+worker behind `smg launch`. Alone, because each NIXL worker's UCX progress thread polls one core without
+pause, idle or not: beside a PD pair a third engine on 2 cores gets almost nothing. The same streamed chats
+(text, or each with its own image: --image-size) go to each setup; reported per setup: time to first token,
+decode rate per request (tokens after the first over the time after the first) and req/s. On 2 CPU cores
+these figures say how the path behaves here, not what GPUs would gain.
 """
 
 import argparse
@@ -20,23 +22,21 @@ import tempfile
 import time
 import urllib.request
 
-from bench.replicas import free_port, launch_gateway, smg_executable, start_replicas
+from bench.replicas import free_port, launch_gateway, noise_image, smg_executable, start_replicas
 
-ROLES = ("kv_producer", "kv_consumer", None)
+ROLES = ("kv_producer", "kv_consumer")
 
 
 def _configure(index: int) -> dict:
-    if ROLES[index] is None:
-        return {}
     connector = {"kv_connector": "NixlConnector", "kv_role": ROLES[index], "kv_buffer_device": "cpu"}
     return {"flags": ("--kv-transfer-config", json.dumps(connector)),
             "env": {"VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port())}}
 
 
-def _stream(url: str, model: str, text: str, max_tokens: int) -> tuple[float, float, int]:
+def _stream(url: str, model: str, content, max_tokens: int) -> tuple[float, float, int]:
     """(seconds to the first token, seconds in all, tokens) for one streamed chat completion."""
-    body = {"model": model, "messages": [{"role": "user", "content": text}], "max_tokens": max_tokens,
-            "temperature": 0, "ignore_eos": True, "stream": True}
+    body = {"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens,
+            "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
     req = urllib.request.Request(f"{url}/v1/chat/completions", data=json.dumps(body).encode(), method="POST",
                                  headers={"Content-Type": "application/json"})
     start, first, tokens = time.perf_counter(), 0.0, 0
@@ -44,10 +44,11 @@ def _stream(url: str, model: str, text: str, max_tokens: int) -> tuple[float, fl
         for raw in resp:
             line = raw.decode(errors="replace").strip()
             if line.startswith("data:") and line != "data: [DONE]":
-                for choice in json.loads(line[5:]).get("choices", []):
-                    if choice.get("delta", {}).get("content"):
-                        first = first or time.perf_counter() - start
-                        tokens += 1
+                chunk = json.loads(line[5:])
+                # The first chunk carrying generated text (even a partial character, which decodes to "").
+                if not first and any("content" in c.get("delta", {}) for c in chunk.get("choices", [])):
+                    first = time.perf_counter() - start
+                tokens = (chunk.get("usage") or {}).get("completion_tokens", tokens)
     return first, time.perf_counter() - start, tokens
 
 
@@ -75,41 +76,55 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--smg-flag", action="append", default=[], help="passed to both `smg launch` (repeatable)")
+    parser.add_argument("--image-size", type=int, default=0, help="each chat starts with its own image of this size")
+    # SMG fails a streamed decode leg silent for --worker-wedge-secs (3 s by default). On 2 cores shared with two
+    # NIXL progress threads, NIXL's first transfer (its handshake) can take longer than that.
+    parser.add_argument("--smg-flag", action="append", default=None,
+                        help="passed to every `smg launch` (repeatable; default --worker-wedge-secs=30)")
     args = parser.parse_args(argv)
+    args.smg_flag = args.smg_flag if args.smg_flag is not None else ["--worker-wedge-secs=30"]
     if smg_executable() is None:
         sys.exit("the SMG gateway is not installed (pip install smg)")
     words = ["red", "blue", "shape", "corner", "light", "edge", "pattern", "noise", "left", "right", "sky", "rain"]
     rows: dict[str, list[dict]] = {"PD (NIXL)": [], "one worker": []}
-    with tempfile.TemporaryDirectory(prefix="pd-") as tmp:
-        workdir = pathlib.Path(tmp)
-        prefill, decode, single = start_replicas(3, workdir, _configure)
-        gateways = {"PD (NIXL)": launch_gateway([prefill, decode], "", workdir / "smg-pd.log", *args.smg_flag, pd=True),
-                    "one worker": launch_gateway([single], "round_robin", workdir / "smg-one.log", *args.smg_flag)}
-        try:
-            for n in range(args.rounds):  # fresh prompts every round: no prefix-cache hits across runs
-                for label, gw in gateways.items():
-                    rng = random.Random(f"{n}-{label}")
-                    prompts = [" ".join(rng.choices(words, k=args.prompt_words)) for _ in range(args.requests)]
-                    try:
-                        rows[label].append(asyncio.run(_load(gw.url, gw.model, prompts, args.max_tokens,
-                                                             args.concurrency)))
-                    except OSError:
-                        print(f"{label} failed; SMG log:\n{gw.tail(40)}\ndecode log:\n{decode.tail(30)}")
-                        raise
-                    print(json.dumps({"round": n, "setup": label, **rows[label][-1]}), flush=True)
-        finally:
-            for gw in gateways.values():
-                gw.stop()
-            for r in (prefill, decode, single):
-                r.stop()
-    print(f"\n{args.requests} streamed text chats per run, ~{args.prompt_words} words, {args.max_tokens} tokens, "
+    for n in range(args.rounds):  # fresh prompts every round: no prefix-cache hits across runs
+        for label in rows:
+            rng = random.Random(f"{n}-{label}")
+            prompts = [" ".join(rng.choices(words, k=args.prompt_words)) for _ in range(args.requests)]
+            if args.image_size:
+                prompts = [[{"type": "image_url", "image_url": {"url": noise_image(rng.randrange(1 << 30), args.image_size)}},
+                            {"type": "text", "text": p}] for p in prompts]
+            rows[label].append(_run_setup(label, prompts, args))
+            print(json.dumps({"round": n, "setup": label, **rows[label][-1]}), flush=True)
+    kind = f"{args.image_size} px image chats" if args.image_size else "text chats"
+    print(f"\n{args.requests} streamed {kind} per run, ~{args.prompt_words} words, {args.max_tokens} tokens, "
           f"concurrency {args.concurrency}, medians over {args.rounds} rounds (A B A B), tiny Qwen2-VL on 2 CPU cores")
     print(f"{'setup':<12} {'TTFT p50 ms':>12} {'decode tok/s p50':>17} {'req/s':>7}")
     for label, runs in rows.items():
         med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
         print(f"{label:<12} {med['ttft_p50_ms']:>12.1f} {med['decode_tok_s_p50']:>17.1f} {med['req_s']:>7.2f}")
     return 0
+
+
+def _run_setup(label: str, prompts: list, args) -> dict:
+    """Start the setup's engines and gateway, run the prompts through it, stop everything."""
+    pd = label.startswith("PD")
+    with tempfile.TemporaryDirectory(prefix="pd-") as tmp:
+        workdir = pathlib.Path(tmp)
+        replicas = start_replicas(2 if pd else 1, workdir, _configure if pd else (lambda index: {}))
+        gw = None
+        try:
+            gw = launch_gateway(replicas, "" if pd else "round_robin", workdir / "smg.log", *args.smg_flag, pd=pd)
+            _stream(gw.url, gw.model, "Warm up.", 2)  # not measured: NIXL's first transfer includes its handshake
+            return asyncio.run(_load(gw.url, gw.model, prompts, args.max_tokens, args.concurrency))
+        except OSError:
+            print(f"{label} failed; SMG log:\n{gw.tail(40) if gw else ''}\nlast worker's log:\n{replicas[-1].tail(30)}")
+            raise
+        finally:
+            if gw is not None:
+                gw.stop()
+            for r in replicas:
+                r.stop()
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ ignore_eos so both generate exactly max_tokens. Writes bench/results/side_by_sid
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import pathlib
@@ -97,6 +98,45 @@ class Server:
         self.log.close()
 
 
+class EngineLimit:
+    """bench.engine_limit in a subprocess, measured cell by cell like a server (see its docstring)."""
+
+    name = "limit"
+
+    def __init__(self, args):
+        self.log_path = ROOT / "bench" / "results" / "side_by_side.limit.log"
+        self.log = open(self.log_path, "w")
+        self.command = [str(ROOT / ".venv/bin/python"), "-m", "bench.engine_limit", "--model", args.model,
+                        "--images", str(args.images)]
+        self.proc = subprocess.Popen(self.command, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self.log, text=True, start_new_session=True)
+
+    def wait_ready(self, timeout: float) -> None:
+        line = self.proc.stdout.readline()  # {"ready": true} once the engine is up
+        if not line:
+            raise RuntimeError(f"bench.engine_limit exited ({self.proc.wait()}); see {self.log_path}")
+
+    async def measure(self, scenario: str, c: int, args) -> dict:
+        cmd = {"scenario": scenario, "concurrency": c, "duration": args.duration, "warmup": args.warmup}
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+        line = await asyncio.to_thread(self.proc.stdout.readline)
+        if not line:
+            raise RuntimeError(f"bench.engine_limit exited ({self.proc.wait()}); see {self.log_path}")
+        return json.loads(line)
+
+    def stop(self) -> None:
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            pass
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+        self.log.close()
+
+
 class Requests:
     """Per-scenario request pools (text: one prompt; image: `images` distinct 112x112 images)."""
 
@@ -137,17 +177,59 @@ async def check_outputs(host: str, requests: Requests, name: str) -> dict:
     return out
 
 
-async def measure_cell(host: str, requests: Requests, name: str, scenario: str, c: int, args, round_: int) -> dict:
-    """A warm-up at the same load, then `args.duration` seconds measured; ghz's figures."""
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU of one live process, its threads included (0 once it is gone)."""
+    try:
+        fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def _descendants(pid: int) -> list[int]:
+    parents = {}
+    for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    found, frontier = [], [pid]
+    while frontier:
+        children = [p for p, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
+
+
+def cpu_split(server_pid: int) -> dict[str, float]:
+    """CPU seconds so far: the server's own process (gRPC front end), its descendants (vLLM's engine core and
+    workers, which busy-poll) and this process (the load driver). Two calls bracket a window."""
+    return {"front_end": _cpu_seconds(server_pid),
+            "engine": sum(_cpu_seconds(p) for p in _descendants(server_pid)),
+            "client": time.process_time()}
+
+
+async def measure_cell(server, requests: Requests, name: str, scenario: str, c: int, args, round_: int) -> dict:
+    """A warm-up at the same load, then `args.duration` seconds measured; ghz's figures, and CPU per request."""
+    if isinstance(server, EngineLimit):
+        report = await server.measure(scenario, c, args)
+        cpu = report["cpu_ms_per_request"]
+        print(f"  {name:9s} {scenario:20s} c={c:<3d} {report['count']:6d} calls {report['rps']:8.1f} rps  "
+              f"cpu ms/req front+driver {cpu['front_end']:.2f} engine {cpu['engine']:.2f}", flush=True)
+        return report
     tag = f"{name}-{SCENARIOS[scenario][0]}{SCENARIOS[scenario][1]}-c{c}-r{round_}"
-    cfg = LoadConfig(call=CALL, host=host, concurrency=c, duration=args.warmup, duration_stop="wait", timeout=120)
+    cfg = LoadConfig(call=CALL, host=server.host, concurrency=c, duration=args.warmup, duration_stop="wait", timeout=120)
     await run_load(cfg, requests.factory(scenario, f"{tag}-warmup"))
     cfg.duration = args.duration
+    before = cpu_split(server.proc.pid)
     report = await run_load(cfg, requests.factory(scenario, tag))
+    after = cpu_split(server.proc.pid)
     report.pop("histogram")
-    lat = report["latency_distribution"]
+    report["cpu_ms_per_request"] = {k: 1e3 * (after[k] - before[k]) / max(report["count"], 1) for k in after}
+    lat, cpu = report["latency_distribution"], report["cpu_ms_per_request"]
     print(f"  {name:9s} {scenario:20s} c={c:<3d} {report['count']:6d} calls {report['rps']:8.1f} rps  "
           f"p50 {lat.get('p50', 0) * 1e3:7.1f} ms  p99 {lat.get('p99', 0) * 1e3:7.1f} ms  "
+          f"cpu ms/req front {cpu['front_end']:.2f} engine {cpu['engine']:.2f} client {cpu['client']:.2f}  "
           f"errors {sum(report['error_distribution'].values())}", flush=True)
     return report
 
@@ -155,7 +237,7 @@ async def measure_cell(host: str, requests: Requests, name: str, scenario: str, 
 async def exercise(servers: dict, args) -> dict:
     """Checks on every server, then each cell on each server in turn, the order alternating cell by cell."""
     names = list(servers)
-    out = {name: {"checks": await check_outputs(servers[name][0].host, servers[name][1], name),
+    out = {name: {"checks": ({} if name == "limit" else await check_outputs(servers[name][0].host, servers[name][1], name)),
                   "results": {s: {c: [] for c in args.concurrency} for s in SCENARIOS}} for name in names}
     cell = 0
     for round_ in range(args.rounds):
@@ -163,7 +245,7 @@ async def exercise(servers: dict, args) -> dict:
             for c in args.concurrency:
                 for name in (names if cell % 2 == 0 else names[::-1]):
                     server, requests = servers[name]
-                    report = await measure_cell(server.host, requests, name, scenario, c, args, round_)
+                    report = await measure_cell(server, requests, name, scenario, c, args, round_)
                     out[name]["results"][scenario][c].append(report)
                 cell += 1
     return out
@@ -174,18 +256,24 @@ def run_group(names: list[str], args, processor) -> dict:
     started = {}
     try:
         for name in names:
-            started[name] = Server(name, args)
+            started[name] = EngineLimit(args) if name == "limit" else Server(name, args)
         servers, infos = {}, {}
         for name, server in started.items():
             t0 = time.monotonic()
+            if name == "limit":
+                server.wait_ready(args.start_timeout)
+                print(f"limit: AsyncLLM ready after {time.monotonic() - t0:.0f} s more", flush=True)
+                servers[name] = (server, None)
+                continue
             infos[name] = info = server.wait_ready(args.start_timeout)
             print(f"{name}: ready on {server.host} after {time.monotonic() - t0:.0f} s more "
                   f"(mm_device_do_normalize={info.mm_device_do_normalize}, max_num_seqs={info.max_num_seqs})", flush=True)
             servers[name] = (server, Requests(processor, args.images, raw_uint8=info.mm_device_do_normalize))
         runs = asyncio.run(exercise(servers, args))
         for name, run in runs.items():
-            run.update(command=started[name].command, mm_device_do_normalize=infos[name].mm_device_do_normalize,
-                       max_num_seqs=infos[name].max_num_seqs)
+            run.update(command=started[name].command)
+            if name in infos:
+                run.update(mm_device_do_normalize=infos[name].mm_device_do_normalize, max_num_seqs=infos[name].max_num_seqs)
         return runs
     finally:
         for server in started.values():
@@ -194,12 +282,21 @@ def run_group(names: list[str], args, processor) -> dict:
 
 def median_figures(reports: list[dict]) -> tuple[float, float, float]:
     """(requests/s, p50 ms, p99 ms), each the median over rounds."""
-    pick = lambda key: statistics.median(r["latency_distribution"].get(key, 0) * 1e3 for r in reports)  # noqa: E731
+    pick = lambda key: statistics.median(r.get("latency_distribution", {}).get(key, 0) * 1e3 for r in reports)  # noqa: E731
     return statistics.median(r["rps"] for r in reports), pick("p50"), pick("p99")
 
 
+def median_cpu(reports: list[dict]) -> dict[str, float]:
+    """CPU ms per request by part (front_end / engine / client), each the median over rounds."""
+    return {k: statistics.median(r["cpu_ms_per_request"][k] for r in reports) for k in reports[0]["cpu_ms_per_request"]}
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:6.2f}" if b else f"{'-':>6s}"
+
+
 def report(runs: dict, args) -> None:
-    ours, inc = runs.get("ours"), runs.get("incumbent")
+    ours, inc, limit = runs.get("ours"), runs.get("incumbent"), runs.get("limit")
     if ours and inc:
         same = [k for k in ours["checks"] if ours["checks"][k] == inc["checks"].get(k)]
         differ = [k for k in ours["checks"] if k not in same]
@@ -208,26 +305,40 @@ def report(runs: dict, args) -> None:
               f" servers{'; DIFFER: ' + ', '.join(differ) if differ else ''}"
               f" (completion token counts seen: {sorted(counts)})")
     mode = ("one server up at a time" if args.sequential
-            else "both servers up, load on one at a time, order alternating per cell")
+            else "all up, load on one at a time, order alternating per cell")
     print(f"\n{args.duration:g} s per cell after a {args.warmup:g} s warm-up, {args.rounds} round(s) (median); {mode}."
-          "\nLatency in ms; ratio = ours / incumbent (rps: higher is better; latency: lower is better).")
-    head = (f"{'scenario':20s} {'c':>3s} | {'ours rps':>9s} {'p50':>7s} {'p99':>7s} | {'inc rps':>9s} {'p50':>7s} {'p99':>7s}"
-            f" | {'rps x':>6s} {'p50 x':>6s} {'p99 x':>6s}")
+          "\nrps and latency (ms); x = ours / incumbent; limit = in-process AsyncLLM, ours% = ours / limit."
+          "\nCPU ms per request: front end (the gRPC process) / engine (its vLLM processes) / client (the load driver);"
+          "\nfor the limit, front = its one process (driver and vLLM's front end together).")
+    head = (f"{'scenario':20s} {'c':>3s} | {'ours rps':>9s} {'p50':>7s} | {'inc rps':>9s} {'p50':>7s} | {'rps x':>6s}"
+            f" | {'limit':>7s} {'ours%':>6s} | {'ours cpu f/e/c':>18s} | {'inc cpu f/e/c':>18s} | {'front x':>7s}"
+            f" | {'limit f/e':>11s}")
     print(head + "\n" + "-" * len(head))
-    dash = f"{'-':>9s} {'-':>7s} {'-':>7s}"
     for scenario in SCENARIOS:
         for c in args.concurrency:
-            figures = [median_figures(run["results"][scenario][c]) if run else None for run in (ours, inc)]
-            cells = [f"{f[0]:9.1f} {f[1]:7.1f} {f[2]:7.1f}" if f else dash for f in figures]
-            ratio = (" ".join(f"{a / b if b else float('nan'):6.2f}" for a, b in zip(*figures)) if all(figures)
-                     else f"{'-':>6s} {'-':>6s} {'-':>6s}")
-            print(f"{scenario:20s} {c:3d} | {cells[0]} | {cells[1]} | {ratio}")
+            rows = {name: run["results"][scenario][c] for name, run in (("ours", ours), ("inc", inc), ("limit", limit))
+                    if run and run["results"][scenario][c]}
+            fig = {k: median_figures(v) for k, v in rows.items()}
+            cpu = {k: median_cpu(v) for k, v in rows.items()}
+            cell = lambda k: f"{fig[k][0]:9.1f} {fig[k][1]:7.1f}" if k in fig else f"{'-':>9s} {'-':>7s}"  # noqa: E731
+            split = lambda k: (f"{cpu[k]['front_end']:5.2f}/{cpu[k]['engine']:5.2f}/{cpu[k]['client']:5.2f}"  # noqa: E731
+                               if k in cpu else f"{'-':>17s}")
+            both = "ours" in fig and "inc" in fig
+            limit_split = (f"{cpu['limit']['front_end']:5.2f}/{cpu['limit']['engine']:5.2f}" if "limit" in cpu else "-")
+            print(f"{scenario:20s} {c:3d} | {cell('ours')} | {cell('inc')} | "
+                  f"{_ratio(fig['ours'][0], fig['inc'][0]) if both else '-':>6s} | "
+                  f"{fig['limit'][0] if 'limit' in fig else float('nan'):7.1f} "
+                  f"{100 * fig['ours'][0] / fig['limit'][0] if 'limit' in fig and 'ours' in fig else float('nan'):5.0f}% | "
+                  f"{split('ours'):>18s} | {split('inc'):>18s} | "
+                  f"{_ratio(cpu['ours']['front_end'], cpu['inc']['front_end']) if both else '-':>7s} | "
+                  f"{limit_split:>11s}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="models/tiny-qwen2-vl")
-    parser.add_argument("--servers", default="ours,incumbent", help="comma-separated: ours, incumbent")
+    parser.add_argument("--servers", default="ours,incumbent,limit",
+                        help="comma-separated: ours, incumbent, limit (vLLM's AsyncLLM in-process, no gRPC)")
     parser.add_argument("--incumbent-venv", default=".venv-incumbent")
     parser.add_argument("--concurrency", default="1,16,64", type=lambda s: [int(x) for x in s.split(",")])
     parser.add_argument("--duration", type=float, default=10.0, help="seconds measured per cell")

@@ -127,7 +127,7 @@ class Engine:
         """
         options = request.sampling
         try:
-            sampling = to_sampling_params(options)
+            sampling = to_sampling_params(options, final_only=not request.stream)
         except VLLMValidationError as exc:
             raise _request_error(exc) from exc
         if request.kv_transfer_params is not None:  # where vLLM's connectors read it

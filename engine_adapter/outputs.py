@@ -29,7 +29,7 @@ def _logprobs(token_ids: Sequence[int], entries, top_k: int | None) -> tuple[Tok
 def to_step_output(
     output: RequestOutput, logprobs_k: int | None, prompt_logprobs_k: int | None, first: bool
 ) -> StepOutput:
-    """Map one DELTA RequestOutput; prompt logprobs are taken from the first step only."""
+    """Map one RequestOutput (a DELTA step, or a FINAL_ONLY result); prompt logprobs come from the first."""
     samples = tuple(
         SampleDelta(
             index=c.index,

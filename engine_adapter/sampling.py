@@ -28,16 +28,16 @@ def _vllm_value(value):
     return value
 
 
-def to_sampling_params(options: SamplingOptions) -> SamplingParams:
+def to_sampling_params(options: SamplingOptions, final_only: bool = False) -> SamplingParams:
     """vLLM's own SamplingParams (which validates every value; errors name the parameter).
 
     Output text is detokenized only when stop strings need it to match; the ids are never
-    changed by it. Always DELTA outputs: streaming forwards them, non-streaming accumulates
-    them, and an abort ends both the same way.
+    changed by it. A stream takes DELTA outputs; a caller that wants the result only takes the
+    final output (FINAL_ONLY), so the front end handles one output per request, not one per token.
     """
     return SamplingParams(
         **{name: _vllm_value(getattr(options, name)) for name in SAMPLING_FIELDS},
         structured_outputs=structured_outputs(options.constraint),
         detokenize=bool(options.stop),
-        output_kind=RequestOutputKind.DELTA,
+        output_kind=RequestOutputKind.FINAL_ONLY if final_only else RequestOutputKind.DELTA,
     )

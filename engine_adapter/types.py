@@ -78,6 +78,7 @@ class EngineRequest:
     media: tuple[MediaItem, ...] = ()  # in prompt order
     data_parallel_rank: int | None = None  # None: vLLM balances across its ranks
     kv_transfer_params: dict | None = None  # for the engine's KV connector (prefill/decode disaggregation)
+    stream: bool = True  # False: the caller wants the result only, and the engine sends just its final output
 
 
 @dataclass(frozen=True)

@@ -217,9 +217,13 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
             self._record(state)
 
     async def _decode(self, decode, request, request_id: str):
-        """Validate and convert off the event loop (tensor decode and hashing block)."""
+        """Validate and convert: off the event loop where tensors come (decode, hashing and casts block),
+        inline for ids alone (cheaper than the thread hop)."""
         with self.metrics.decode.time():
-            decoded = await asyncio.get_running_loop().run_in_executor(self._decode_pool, decode, request, request_id)
+            if request.HasField("mm_inputs") or request.extra_mm_inputs:
+                decoded = await asyncio.get_running_loop().run_in_executor(self._decode_pool, decode, request, request_id)
+            else:
+                decoded = decode(request, request_id)
         for transport, nbytes in decoded.mm_bytes.items():
             self.metrics.mm_bytes.labels(transport).inc(nbytes)
         if self.media_tokens is not None:

@@ -93,8 +93,8 @@ def _kv_from_prefill(params: dict | None, info: ModelInfo) -> bool:
 def _check_ids(ids: list[int], info: ModelInfo) -> None:
     if not ids:
         raise InvalidArgument("tokenized.input_ids: empty prompt")
-    bad = next((i for i, t in enumerate(ids) if t >= info.vocab_size), None)
-    if bad is not None:
+    if max(ids) >= info.vocab_size:  # at C speed; find which only when one is
+        bad = next(i for i, t in enumerate(ids) if t >= info.vocab_size)
         raise InvalidArgument(
             f"tokenized.input_ids[{bad}]: token id {ids[bad]} is outside the vocabulary (size {info.vocab_size})"
         )
@@ -220,7 +220,7 @@ class RequestDecoder:
         ids, media = _truncate(ids, media, request.sampling_params, self.info)
         _check_length(ids, self.info)
         sampling = sampling_options(request.sampling_params, len(ids), self.info, self.max_n)
-        return self._decoded(request_id, ids, media, sampling, batches, rank, kv_transfer)
+        return self._decoded(request_id, ids, media, sampling, batches, rank, kv_transfer, request.stream)
 
     def decode_embed(self, request: pb.EmbedRequest, request_id: str) -> DecodedRequest:
         """An EmbedRequest through the same checks (no sampling); blocking like `decode`."""
@@ -252,10 +252,11 @@ class RequestDecoder:
 
     def _decoded(self, request_id: str, ids: list[int], media: list[MediaItem], sampling: SamplingOptions | None,
                  batches: list[tuple[str, pb.MultimodalInputs]], rank: int | None = None,
-                 kv_transfer: dict | None = None) -> DecodedRequest:
+                 kv_transfer: dict | None = None, stream: bool = True) -> DecodedRequest:
         engine_ids = engine_prompt_ids(ids, media, self.images, self.info)
         engine = EngineRequest(request_id=request_id, prompt_ids=tuple(engine_ids), sampling=sampling,
-                               media=tuple(media), data_parallel_rank=rank, kv_transfer_params=kv_transfer)
+                               media=tuple(media), data_parallel_rank=rank, kv_transfer_params=kv_transfer,
+                               stream=stream)
         mm_bytes: dict[str, int] = {}
         for t in _tensors([mm for _, mm in batches]):
             transport = t.WhichOneof("payload")
