@@ -201,7 +201,8 @@ class Gateway:
             if self.healthy_workers() == count:
                 return
             time.sleep(0.25)
-        raise RuntimeError(f"smg: {self.healthy_workers()} healthy workers, not {count}:\n{self.tail()}")
+        raise RuntimeError(f"smg: {self.healthy_workers()} healthy workers, not {count}:\n{self.tail()}\n"
+                           f"{_diagnosis(self.proc.pid)}")
 
     def tail(self, lines: int = 60) -> str:
         text = re.sub(r"\x1b\[[0-9;]*m", "", self.log.read_text(errors="replace"))
@@ -215,6 +216,19 @@ class Gateway:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
+
+
+def _diagnosis(pid: int) -> str:
+    """What a silent process is doing, and what else holds the CPUs (for a start that timed out)."""
+    try:
+        status = pathlib.Path(f"/proc/{pid}/status").read_text()
+        state = next(line for line in status.splitlines() if line.startswith("State"))
+        wchan = pathlib.Path(f"/proc/{pid}/wchan").read_text()
+    except (OSError, StopIteration):
+        state, wchan = "gone", "-"
+    busy = subprocess.run(["ps", "-eo", "pid,ppid,pcpu,stat,etime,comm", "--sort=-pcpu"], capture_output=True,
+                          text=True).stdout.splitlines()[:12]
+    return f"pid {pid}: {state}, wchan {wchan}; load {os.getloadavg()}; busiest processes:\n" + "\n".join(busy)
 
 
 def smg_executable() -> str | None:

@@ -55,14 +55,16 @@ def pd_pair(tmp_path_factory):
 
     workdir = tmp_path_factory.mktemp("pd")
     pair = start_replicas(2, workdir, configure)
-    prefill, decode = pair
-    gateways = (launch_gateway(pair, "", workdir / "smg-pd.log", pd=True),
-                launch_gateway([decode], "round_robin", workdir / "smg-one.log"))
-    yield pair, gateways
-    for gw in gateways:
-        gw.stop()
-    for r in pair:
-        r.stop()
+    gateways = []
+    try:  # every process started here stops, even when a later one fails to start
+        gateways.append(launch_gateway(pair, "", workdir / "smg-pd.log", pd=True))
+        gateways.append(launch_gateway([pair[1]], "round_robin", workdir / "smg-one.log"))
+        yield pair, gateways
+    finally:
+        for gw in gateways:
+            gw.stop()
+        for r in pair:
+            r.stop()
 
 
 def _chat(gw, messages: list[dict], max_tokens: int = 8) -> dict:
