@@ -3,7 +3,8 @@
     python -m bench.engine_limit --model models/tiny-qwen2-vl   # then JSON lines on stdin, one per cell:
     {"scenario": "text, 16 tokens", "concurrency": 16, "duration": 10, "warmup": 3}
 
-bench/side_by_side.py runs it as its third server, so the limit is measured in the same run, cell by cell
+Answers are stdout lines starting with MARK (vLLM logs there too). bench/side_by_side.py runs it as its
+third server, so the limit is measured in the same run, cell by cell
 between the two servicers. Each request is what the servicers receive once their front ends are done: the same
 prompt ids (and, for images, the same pixels as one pre-built multimodal item), greedy, `ignore_eos`,
 output ids only (no detokenization), the final output only. Answers one JSON line per cell: requests, req/s,
@@ -25,7 +26,7 @@ from vllm.sampling_params import RequestOutputKind
 from vllm.v1.engine.async_llm import AsyncLLM
 
 from bench.load import demo_image, image_request, text_request
-from bench.side_by_side import ENGINE_ARGS, SCENARIOS, cpu_split
+from bench.side_by_side import ENGINE_ARGS, LIMIT_MARK as MARK, SCENARIOS, cpu_split
 from engine_adapter.engine import parse_engine_args
 from engine_adapter.prompt import build_engine_input
 from engine_adapter.types import EngineRequest, MediaItem
@@ -53,6 +54,10 @@ def _prompts(processor, mm_processor, images: int) -> dict[str, list]:
     return out
 
 
+def _answer(obj: dict) -> None:
+    print(MARK + json.dumps(obj), flush=True)
+
+
 async def _run(llm: AsyncLLM, prompts: list, max_tokens: int, concurrency: int, seconds: float, tag: str) -> int:
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, detokenize=False,
                             output_kind=RequestOutputKind.FINAL_ONLY)
@@ -75,7 +80,7 @@ async def serve(args) -> None:
     llm = AsyncLLM.from_engine_args(parse_engine_args(args.model, ENGINE_ARGS))
     processor = AutoProcessor.from_pretrained(args.model)
     pools = _prompts(processor, llm.renderer.get_mm_processor(), args.images)
-    print(json.dumps({"ready": True}), flush=True)
+    _answer({"ready": True})
     loop = asyncio.get_running_loop()
     cell = 0
     while line := await loop.run_in_executor(None, sys.stdin.readline):
@@ -90,7 +95,7 @@ async def serve(args) -> None:
         # This process is both the driver and vLLM's front end: its CPU is reported as the front end's.
         cpu = {"front_end": 1e3 * (after["front_end"] - before["front_end"]) / max(count, 1),
                "engine": 1e3 * (after["engine"] - before["engine"]) / max(count, 1), "client": 0.0}
-        print(json.dumps({"count": count, "rps": count / wall, "cpu_ms_per_request": cpu}), flush=True)
+        _answer({"count": count, "rps": count / wall, "cpu_ms_per_request": cpu})
     llm.shutdown()
 
 

@@ -93,8 +93,8 @@ class Replica:
     that a restart comes back at the same address."""
 
     def __init__(self, index: int, workdir: pathlib.Path, model: pathlib.Path = MODEL, flags: tuple[str, ...] = (),
-                 env: dict[str, str] | None = None):
-        self.index, self.model, self.flags, self.env = index, model, flags, env or {}
+                 env: dict[str, str] | None = None, nice: int = 0):
+        self.index, self.model, self.flags, self.env, self.nice = index, model, flags, env or {}, nice
         self.port, self.metrics_port = free_port(), free_port()
         self.workdir = workdir / f"replica{index}"
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -122,7 +122,8 @@ class Replica:
                "VLLM_WORKER_MULTIPROC_METHOD": "spawn", **self.env}
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         env=env, start_new_session=True)
+                                         env=env, start_new_session=True,
+                                         preexec_fn=(lambda: os.nice(self.nice)) if self.nice else None)
 
     def wait_ready(self, deadline: float) -> None:
         pattern = re.compile(rf"serving \S+ on 127\.0\.0\.1:{self.port}\b")

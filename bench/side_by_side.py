@@ -36,6 +36,7 @@ ENGINE_ARGS = ["--dtype", "float32", "--max-model-len", "4096", "--enforce-eager
 # name -> (kind, max_tokens)
 SCENARIOS = {"text, 1 token": ("text", 1), "text, 16 tokens": ("text", 16), "1 image, 16 tokens": ("image", 16)}
 CALL = "vllm.grpc.engine.VllmEngine.Generate"
+LIMIT_MARK = "@@engine_limit "  # bench.engine_limit's answer lines (vLLM logs to its stdout too)
 
 
 def free_port() -> int:
@@ -111,19 +112,22 @@ class EngineLimit:
         self.proc = subprocess.Popen(self.command, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=self.log, text=True, start_new_session=True)
 
+    def _answer(self) -> dict:
+        """The next answer line; vLLM's own stdout lines go to the log."""
+        while line := self.proc.stdout.readline():
+            if line.startswith(LIMIT_MARK):
+                return json.loads(line[len(LIMIT_MARK):])
+            self.log.write(line)
+        raise RuntimeError(f"bench.engine_limit exited ({self.proc.wait()}); see {self.log_path}")
+
     def wait_ready(self, timeout: float) -> None:
-        line = self.proc.stdout.readline()  # {"ready": true} once the engine is up
-        if not line:
-            raise RuntimeError(f"bench.engine_limit exited ({self.proc.wait()}); see {self.log_path}")
+        self._answer()  # {"ready": true} once the engine is up
 
     async def measure(self, scenario: str, c: int, args) -> dict:
         cmd = {"scenario": scenario, "concurrency": c, "duration": args.duration, "warmup": args.warmup}
         self.proc.stdin.write(json.dumps(cmd) + "\n")
         self.proc.stdin.flush()
-        line = await asyncio.to_thread(self.proc.stdout.readline)
-        if not line:
-            raise RuntimeError(f"bench.engine_limit exited ({self.proc.wait()}); see {self.log_path}")
-        return json.loads(line)
+        return await asyncio.to_thread(self._answer)
 
     def stop(self) -> None:
         self.proc.stdin.close()

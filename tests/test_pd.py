@@ -50,8 +50,10 @@ CHATS = {
 def pd_pair(tmp_path_factory):
     def configure(index: int) -> dict:
         connector = {"kv_connector": "NixlConnector", "kv_role": ROLES[index], "kv_buffer_device": "cpu"}
+        # Each NIXL worker's UCX progress thread polls a core without pause: niced, the pair leaves the
+        # gateways, the test and the suite's other engine their share of these 2 cores.
         return {"flags": ("--kv-transfer-config", json.dumps(connector)),
-                "env": {"VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port())}}
+                "env": {"VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port())}, "nice": 10}
 
     workdir = tmp_path_factory.mktemp("pd")
     pair = start_replicas(2, workdir, configure)
