@@ -102,8 +102,6 @@ class Server:
 class EngineLimit:
     """bench.engine_limit in a subprocess, measured cell by cell like a server (see its docstring)."""
 
-    name = "limit"
-
     def __init__(self, args):
         self.log_path = ROOT / "bench" / "results" / "side_by_side.limit.log"
         self.log = open(self.log_path, "w")

@@ -46,6 +46,11 @@ def mm_inputs(pixel_values: torch.Tensor, grid: torch.Tensor, **extra) -> pb.Mul
     )
 
 
+def reference_inputs(grid: torch.Tensor, hashes: list[str]) -> pb.MultimodalInputs:
+    """SMG's pixel-less image batch: identities and grids, no pixel_values."""
+    return pb.MultimodalInputs(model_specific_tensors={"image_grid_thw": tensor(grid)}, mm_hashes=hashes)
+
+
 def video_inputs(videos, **extra) -> pb.MultimodalInputs:
     """A VIDEO batch as SMG sends it: float patches named pixel_values, grid, seconds per grid, flat sizes."""
     return pb.MultimodalInputs(

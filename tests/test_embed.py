@@ -18,7 +18,7 @@ import pytest_asyncio
 import torch
 
 from tests.conftest import _channel, _serve, _start_engine
-from tests.fixtures import ENGINE_ARGS, SHAPES_MODEL, mm_inputs, request, tensor
+from tests.fixtures import ENGINE_ARGS, SHAPES_MODEL, mm_inputs, reference_inputs, request, tensor
 from tests.test_gateway import _http, _launch
 from tests.test_shm import ours_left, shm_tensor
 from tinyvlm import data
@@ -99,8 +99,7 @@ async def test_shm_and_reference_by_hash_give_the_same_embedding(embed_stub, sha
     via_shm, _ = await embed(embed_stub, ids, pb.MultimodalInputs(
         pixel_values=shm_tensor(imgs.raw), model_specific_tensors={"image_grid_thw": tensor(imgs.grid)}))
     assert torch.equal(via_shm, inline) and not ours_left()
-    by_hash, _ = await embed(embed_stub, ids, pb.MultimodalInputs(
-        model_specific_tensors={"image_grid_thw": tensor(imgs.grid)}, mm_hashes=[identity]))
+    by_hash, _ = await embed(embed_stub, ids, reference_inputs(imgs.grid, [identity]))
     assert torch.equal(by_hash, inline)
 
 

@@ -15,7 +15,7 @@ import pytest_asyncio
 
 from tests.conftest import _start_engine, extra_server
 from servicer.tensors import decode_tensor
-from tests.fixtures import ENGINE_ARGS, MODEL, image, mm_inputs, request, tensor
+from tests.fixtures import ENGINE_ARGS, MODEL, image, mm_inputs, reference_inputs, request
 from vlm_proto import vllm_engine_pb2 as pb
 
 pytestmark = pytest.mark.engine
@@ -93,7 +93,7 @@ async def test_pixel_less_image_needs_a_connector_that_loads_the_whole_prompt(ec
     engine core dies of that): a decode leg's pixel-less image is refused here, naming it, and the engine serves on."""
     imgs = oracle.images([image(112, 84, seed=42)])
     ids = oracle.chat_ids("What is in the image?", 1)
-    mm = pb.MultimodalInputs(model_specific_tensors={"image_grid_thw": tensor(imgs.grid)}, mm_hashes=["d" * 32])
+    mm = reference_inputs(imgs.grid, ["d" * 32])
     req = request(ids, mm=mm, temperature=0.0, max_tokens=2)
     req.kv_transfer_params_json = json.dumps({"do_remote_prefill": True})
     with pytest.raises(grpc.aio.AioRpcError) as err:

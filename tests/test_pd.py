@@ -18,8 +18,7 @@ import grpc
 import pytest
 
 from bench.replicas import free_port, http, launch_gateway, metric, noise_image, smg_executable, start_replicas
-from tests.fixtures import image, request, tensor
-from vlm_proto import vllm_engine_pb2 as pb
+from tests.fixtures import image, reference_inputs, request
 from vlm_proto import vllm_engine_pb2_grpc as pb_grpc
 
 pytestmark = [pytest.mark.engine, pytest.mark.gateway]
@@ -132,7 +131,7 @@ async def test_decode_worker_refuses_pixel_less_image_without_kv_from_prefill(pd
     the image blind."""
     (_, decode), _ = pd_pair
     imgs = oracle.images([image(112, 112, seed=35)])
-    mm = pb.MultimodalInputs(model_specific_tensors={"image_grid_thw": tensor(imgs.grid)}, mm_hashes=["e" * 32])
+    mm = reference_inputs(imgs.grid, ["e" * 32])
     async with grpc.aio.insecure_channel(f"127.0.0.1:{decode.port}") as channel:
         with pytest.raises(grpc.aio.AioRpcError) as err:
             async for _ in pb_grpc.VllmEngineStub(channel).Generate(

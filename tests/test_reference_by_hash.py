@@ -4,15 +4,10 @@ import grpc
 import pytest
 import torch
 
-from tests.fixtures import image, mm_inputs, request, tensor
+from tests.fixtures import image, mm_inputs, reference_inputs, request, tensor
 from vlm_proto import vllm_engine_pb2 as pb
 
 pytestmark = pytest.mark.engine
-
-
-def _reference(grid: torch.Tensor, hashes: list[str]) -> pb.MultimodalInputs:
-    """SMG's pixel-less item: identities and grids, no pixel_values."""
-    return pb.MultimodalInputs(model_specific_tensors={"image_grid_thw": tensor(grid)}, mm_hashes=hashes)
 
 
 async def _generate(stub, ids, mm):
@@ -28,7 +23,7 @@ async def test_reference_is_served_like_the_pixels(stub, server, oracle):
     with_pixels, metadata = await _generate(stub, ids, mm_inputs(imgs.raw, imgs.grid))
     identity = metadata["vlm-mm-identities"]
     before = server.servicer.image_store.stats().hits
-    by_hash, _ = await _generate(stub, ids, _reference(imgs.grid, [identity]))
+    by_hash, _ = await _generate(stub, ids, reference_inputs(imgs.grid, [identity]))
     assert by_hash.output_ids == with_pixels.output_ids
     assert list(by_hash.output_ids) == oracle.greedy(oracle.chat_ids("What is in the image?", 1, imgs.tokens_per_image), imgs, 8)[0]
     info = await stub.GetServerInfo(pb.GetServerInfoRequest())
@@ -53,7 +48,7 @@ async def test_unknown_reference_is_failed_precondition_listing_it(stub, oracle)
     imgs = oracle.images([image(112, 112, seed=34)])
     ids = oracle.chat_ids("What is in the image?", 1)
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        await _generate(stub, ids, _reference(imgs.grid, ["f" * 32]))
+        await _generate(stub, ids, reference_inputs(imgs.grid, ["f" * 32]))
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "f" * 32 in err.value.details()
     assert dict(err.value.trailing_metadata())["vlm-missing-mm-hashes"] == "f" * 32
@@ -67,7 +62,7 @@ async def test_gateway_hash_references_need_trust(stub, trust_stub, oracle):
     for target in (stub, trust_stub):
         await _generate(target, ids, mm_inputs(imgs.raw, imgs.grid, mm_hashes=[gateway_hash]))
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        await _generate(stub, ids, _reference(imgs.grid, [gateway_hash]))
+        await _generate(stub, ids, reference_inputs(imgs.grid, [gateway_hash]))
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    trusted, _ = await _generate(trust_stub, ids, _reference(imgs.grid, [gateway_hash]))
+    trusted, _ = await _generate(trust_stub, ids, reference_inputs(imgs.grid, [gateway_hash]))
     assert len(trusted.output_ids) == 8
