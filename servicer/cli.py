@@ -5,10 +5,11 @@
 """
 
 import argparse
-import asyncio
 import logging
 import pathlib
 import sys
+
+import uvloop
 
 from servicer.config import DEFAULT_MODEL, RANDOM_MODEL, ConfigError, add_serve_flags, config_from_args
 
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     _ensure_tiny_model(config.model)
     from servicer.server import serve
 
-    return asyncio.run(serve(config))
+    return uvloop.run(serve(config))  # as vLLM's own servers run (the incumbent too)
 
 
 if __name__ == "__main__":

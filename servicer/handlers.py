@@ -239,7 +239,7 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
                 (("vlm-mm-identities", ",".join(i.identity for i in decoded.engine.media)),))
 
     def _record(self, state: InFlight) -> None:
-        """Metrics and the one log line per request."""
+        """Metrics, and the one log line per request when asked for."""
         elapsed = time.monotonic() - state.started
         m = self.metrics
         m.requests.labels(state.code).inc()
@@ -249,6 +249,8 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
         m.prompt_tokens.inc(state.prompt_tokens)
         m.completion_tokens.inc(state.completion_tokens)
         m.cached_tokens.inc(state.cached_tokens)
+        if not self.engine.info.log_requests:  # vLLM's --enable-log-requests (off by default, as in vLLM)
+            return
         logger.info(
             "request %s %s: finish=%s prompt=%d cached=%d completion=%d stream=%s ttft=%s total=%.1f ms",
             state.request_id, state.code, state.finish_reason or "-", state.prompt_tokens, state.cached_tokens,

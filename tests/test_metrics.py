@@ -55,3 +55,23 @@ async def test_concurrency_limit_is_resource_exhausted(engine, oracle):
         assert "--max-concurrent-requests 2" in err.value.details()
         for call in long:
             call.cancel()
+
+
+async def test_request_log_line_follows_vllms_flag(stub, engine, oracle, caplog, monkeypatch):
+    """One log line per request only under vLLM's --enable-log-requests (off by default, as in vLLM);
+    vLLM's own Prometheus stat logger, which nothing exports here, is not run (it cost front-end CPU)."""
+    import dataclasses
+    import logging
+
+    assert not engine.info.log_requests
+    assert not any(type(s).__name__ == "PrometheusStatLogger" for s in engine._llm.logger_manager.stat_loggers)
+    ids = oracle.chat_ids("Name a colour.")
+    for log_requests in (False, True):
+        monkeypatch.setattr(engine, "info", dataclasses.replace(engine.info, log_requests=log_requests))
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="servicer.handlers"):
+            _ = [r async for r in stub.Generate(request(ids, temperature=0.0, max_tokens=2, ignore_eos=True,
+                                                        request_id=f"log-{log_requests}"))]
+        lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"request log-{log_requests} ")]
+        assert len(lines) == log_requests, lines
+    assert "completion=2" in lines[0]
