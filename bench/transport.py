@@ -1,29 +1,33 @@
 """Tensor transport: 1, 4 and 8 images of 1280x720 inline vs. shared memory, ours vs. the incumbent.
 
-Acts as a same-host gateway: float32 patches (as a gateway sends them when the worker does
-not normalize on device; ~13 MB per image), in the message or in a /dev/shm segment. Per
-cell: end-to-end latency with max_tokens=1 (median of --repeats), and for our servicer its
-own ingest time (validation, decode, hashing, casts; from its /metrics) and ingest GB/s,
-beside this machine's memcpy bandwidth measured in the same run.
+Acts as a same-host gateway, in SMG's request layout, with the pixels in either form a gateway sends:
+raw uint8 patches (what SMG sends a worker reporting mm_device_do_normalize; ~5.5 MB per image) or
+normalized float32 patches (~22 MB), in the message or in a /dev/shm segment. Per cell: end-to-end
+latency with max_tokens=1 (median of --repeats), and for our servicer its own ingest time (validation,
+decode, hashing, casts; from its /metrics) and ingest GB/s against this machine's memcpy bandwidth for the
+same bytes, measured in the same run. `--breakdown` times each ingest step in-process (no server), to show
+where the time goes.
 
     bash bench/incumbent_env.sh   # once
-    .venv/bin/python -m bench.transport [--repeats 5] [--images 1,4,8]
+    .venv/bin/python -m bench.transport [--repeats 5] [--images 1,4,8] [--pixels uint8,float32] [--breakdown]
 """
 
 import argparse
 import json
 import os
-import pathlib
 import statistics
 import time
 import urllib.request
 
 import grpc
 import numpy as np
+import torch
 from transformers import AutoProcessor
 
 from bench.side_by_side import ENGINE_ARGS, ROOT, Server, free_port
-from servicer.tensors import encode_tensor
+from engine_adapter.pixels import PixelNorm, prepare_pixels
+from servicer.identity import image_identity, pad_values
+from servicer.tensors import decode_tensor, encode_tensor
 from vlm_proto import common_pb2, vllm_engine_pb2 as pb, vllm_engine_pb2_grpc as pb_grpc
 
 MODEL = str(ROOT / "models" / "tiny-qwen2-vl")
@@ -31,12 +35,15 @@ MODEL = str(ROOT / "models" / "tiny-qwen2-vl")
 # M-RoPE never reaches (image positions advance by the grid, not the token count).
 TRANSPORT_ENGINE_ARGS = [*ENGINE_ARGS[:2], "--max-model-len", "12288", *ENGINE_ARGS[4:],
                          "--max-num-batched-tokens", "12288"]
-ENV = {"VLLM_ALLOW_LONG_MAX_MODEL_LEN": "1"}
+# Both servers as deployed (deploy/Dockerfile): glibc's malloc on transparent huge pages.
+ENV = {"VLLM_ALLOW_LONG_MAX_MODEL_LEN": "1", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
 
 
-def memcpy_gbps(nbytes: int) -> float:
+def memcpy_gbps(nbytes: int = 256 << 20) -> float:
+    """This machine's memory bandwidth as memcpy reaches it: buffers larger than any cache, pre-faulted, best of 5."""
     src = np.random.randint(0, 255, nbytes, dtype=np.uint8)
     dst = np.empty_like(src)
+    dst.fill(0)
     best = min(_timed(lambda: np.copyto(dst, src)) for _ in range(5))
     return nbytes / best / 1e9
 
@@ -48,15 +55,17 @@ def _timed(fn) -> float:
 
 
 class Batch:
-    """n images of 1280x720 as float32 patches, SMG's request layout."""
+    """n images of 1280x720 as patches in SMG's request layout: raw uint8 or normalized float32."""
 
-    def __init__(self, n: int, seed: int):
+    def __init__(self, n: int, seed: int, dtype: str):
         proc = AutoProcessor.from_pretrained(MODEL)
         tok = proc.tokenizer
         rng = np.random.RandomState(seed)
         imgs = [rng.randint(0, 256, (720, 1280, 3), dtype=np.uint8) for _ in range(n)]
-        feats = proc.image_processor(images=imgs, return_tensors="np")
-        self.pixels = feats["pixel_values"].astype(np.float32)
+        raw = dtype == "uint8"
+        feats = proc.image_processor(images=imgs, return_tensors="np", do_rescale=not raw, do_normalize=not raw)
+        self.dtype = dtype
+        self.pixels = feats["pixel_values"].astype(dtype)
         self.grid = feats["image_grid_thw"].astype(np.int64)
         pad, vs, ve = (tok.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|vision_start|>", "<|vision_end|>"))
         enc = lambda s: tok.encode(s, add_special_tokens=False)  # noqa: E731
@@ -76,7 +85,7 @@ class Batch:
             name = f"vlmbench-{os.getpid()}-{tag}"
             with open(f"/dev/shm/{name}", "wb") as f:
                 f.write(raw)
-            pixels = pb.TensorData(shape=list(self.pixels.shape), dtype="float32",
+            pixels = pb.TensorData(shape=list(self.pixels.shape), dtype=self.dtype,
                                    shm=common_pb2.ShmHandle(name=name, offset=0, nbytes=len(raw), owner_id="bench"))
         else:
             name, pixels = None, encode_tensor(self.pixels)
@@ -104,12 +113,12 @@ def measure(server: Server, batches: dict, args, metrics_port: int | None) -> li
     limit = [("grpc.max_send_message_length", 1 << 30), ("grpc.max_receive_message_length", 1 << 30)]
     with grpc.insecure_channel(server.host, options=limit) as channel:
         stub = pb_grpc.VllmEngineStub(channel)
-        for n, batch in batches.items():
+        for (dtype, n), batch in batches.items():
             for transport in ("inline", "shm"):
                 latencies, ingest = [], []
                 for k in range(args.repeats + 1):  # the first is a warm-up
                     # A new image identity each time, so no cache on either side helps.
-                    req, name = batch.request(transport, f"{server.name}-{n}-{transport}-{k}-{time.time_ns()}")
+                    req, name = batch.request(transport, f"{server.name}-{dtype}-{n}-{transport}-{k}-{time.time_ns()}")
                     before = _decode_seconds(metrics_port) if metrics_port else None
                     t0 = time.perf_counter()
                     list(stub.Generate(req, timeout=600))
@@ -122,7 +131,7 @@ def measure(server: Server, batches: dict, args, metrics_port: int | None) -> li
                             after = _decode_seconds(metrics_port)
                             ingest.append(after[0] - before[0])
                 nbytes = batch.pixels.nbytes
-                row = {"server": server.name, "images": n, "transport": transport, "MB": nbytes / 1e6,
+                row = {"server": server.name, "pixels": dtype, "images": n, "transport": transport, "MB": nbytes / 1e6,
                        "latency_ms": statistics.median(latencies) * 1e3}
                 if ingest:
                     row["ingest_ms"] = statistics.median(ingest) * 1e3
@@ -132,19 +141,61 @@ def measure(server: Server, batches: dict, args, metrics_port: int | None) -> li
     return rows
 
 
+def breakdown(batch: Batch, transport: str, repeats: int) -> dict[str, float]:
+    """Each step of our ingest of one request's pixels, in-process, in ms (median of `repeats`): the
+    protobuf parse gRPC does before the handler (inline bytes are copied there), the tensor view (inline) or
+    map (shm), hashing, the cast to what the vision tower takes, and pad values; memcpy of the same bytes."""
+    proc = AutoProcessor.from_pretrained(MODEL)
+    ip = proc.image_processor
+    norm = PixelNorm(tuple(ip.image_mean), tuple(ip.image_std), ip.rescale_factor)
+    candidates = list(range(1000, 30000))
+    rows = [int(r) for r in batch.rows]
+    steps: dict[str, list[float]] = {}
+    src = batch.pixels.reshape(-1).view(np.uint8)
+    dst = np.empty_like(src)
+    for k in range(repeats):
+        req, name = batch.request(transport, f"breakdown-{transport}-{k}-{time.time_ns()}")
+        wire = req.SerializeToString()
+        t = {"parse": _timed(lambda: pb.GenerateRequest.FromString(wire))}
+        req = pb.GenerateRequest.FromString(wire)
+        t0 = time.perf_counter()
+        pixels = decode_tensor("pixel_values", req.mm_inputs.pixel_values)  # maps and unlinks a shm segment
+        t["view or map"] = time.perf_counter() - t0
+        parts = torch.split(pixels, rows)
+        t["hash"] = _timed(lambda: [image_identity(p, tuple(map(int, g))) for p, g in zip(parts, batch.grid)])
+        t["cast"] = _timed(lambda: prepare_pixels(pixels, norm, True, torch.float32))
+        t["pad values"] = _timed(lambda: [pad_values(f"{k}-{i}", n, candidates) for i, (_, n) in enumerate(batch.ranges)])
+        t["memcpy"] = _timed(lambda: np.copyto(dst, src))
+        for step, seconds in t.items():
+            steps.setdefault(step, []).append(seconds * 1e3)
+    return {step: statistics.median(ms) for step, ms in steps.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=MODEL)
     parser.add_argument("--images", default="1,4,8")
+    parser.add_argument("--pixels", default="uint8,float32", help="pixel forms to send: uint8 (raw), float32 (normalized)")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--breakdown", action="store_true", help="only time each ingest step in-process (no servers)")
+    parser.add_argument("--servers", default="ours,incumbent")
     parser.add_argument("--incumbent-venv", default=".venv-incumbent")
     parser.add_argument("--start-timeout", type=float, default=600)
     args = parser.parse_args()
-    batches = {n: Batch(n, seed=n) for n in map(int, args.images.split(","))}
-    bandwidth = memcpy_gbps(batches[max(batches)].pixels.nbytes)
+    batches = {(dtype, n): Batch(n, seed=n, dtype=dtype)
+               for dtype in args.pixels.split(",") for n in map(int, args.images.split(","))}
+    bandwidth = memcpy_gbps()
     print(f"memcpy bandwidth on this machine: {bandwidth:.1f} GB/s")
+    if args.breakdown:
+        print(f"{'pixels':>7} {'images':>6} {'MB':>6} {'transport':>9} | ms per step (median of {args.repeats})")
+        for (dtype, n), batch in batches.items():
+            for transport in ("inline", "shm"):
+                steps = breakdown(batch, transport, args.repeats)
+                print(f"{dtype:>7} {n:6d} {batch.pixels.nbytes / 1e6:6.1f} {transport:>9} | "
+                      + "  ".join(f"{step} {ms:.2f}" for step, ms in steps.items()), flush=True)
+        return
     results = []
-    for name in ("ours", "incumbent"):
+    for name in args.servers.split(","):
         if name == "incumbent" and not (ROOT / args.incumbent_venv / "bin" / "vllm").exists():
             print("incumbent venv missing: run `bash bench/incumbent_env.sh` first; skipping it")
             continue
@@ -156,18 +207,22 @@ def main() -> None:
             results += measure(server, batches, args, metrics_port)
         finally:
             server.stop()
-    print(f"\n{'images':>6} {'MB':>6} {'transport':>9} | {'ours ms':>8} {'ingest ms':>9} {'GB/s':>6} | {'incumbent ms':>12} | ratio")
+    print(f"\n{'pixels':>7} {'images':>6} {'MB':>6} {'transport':>9} | {'ours ms':>8} {'ingest ms':>9} {'GB/s':>6} "
+          f"{'of memcpy':>9} | {'incumbent ms':>12} | ratio")
     for r in (r for r in results if r["server"] == "ours"):
         inc = next((x for x in results if x["server"] == "incumbent" and x["images"] == r["images"]
-                    and x["transport"] == r["transport"]), None)
+                    and x["pixels"] == r["pixels"] and x["transport"] == r["transport"]), None)
         inc_ms = f"{inc['latency_ms']:12.1f}" if inc else f"{'-':>12}"
         ratio = f"{r['latency_ms'] / inc['latency_ms']:.2f}" if inc else "-"
-        print(f"{r['images']:6d} {r['MB']:6.1f} {r['transport']:>9} | {r['latency_ms']:8.1f} {r['ingest_ms']:9.1f} "
-              f"{r['ingest_GBps']:6.2f} | {inc_ms} | {ratio}")
-    print(f"(memcpy {bandwidth:.1f} GB/s; ratio = ours / incumbent end-to-end latency, max_tokens=1)")
+        r["memcpy_GBps"] = bandwidth
+        print(f"{r['pixels']:>7} {r['images']:6d} {r['MB']:6.1f} {r['transport']:>9} | {r['latency_ms']:8.1f} "
+              f"{r['ingest_ms']:9.1f} {r['ingest_GBps']:6.2f} {100 * r['ingest_GBps'] / r['memcpy_GBps']:8.0f}% | "
+              f"{inc_ms} | {ratio}")
+    print(f"(of memcpy: ingest GB/s over this machine's memcpy, {bandwidth:.1f} GB/s in this run; "
+          "ratio = ours / incumbent end-to-end latency, max_tokens=1)")
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "transport.json").write_text(json.dumps({"memcpy_GBps": bandwidth, "rows": results}, indent=2))
+    (out / "transport.json").write_text(json.dumps({"rows": results}, indent=2))
 
 
 if __name__ == "__main__":

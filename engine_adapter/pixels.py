@@ -11,6 +11,7 @@ Gateways send either raw uint8 patches or normalized floats, so:
   engine takes floats, float in -> cast to the model dtype
 """
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -24,8 +25,9 @@ class PixelNorm:
     std: tuple[float, ...]
     rescale_factor: float
 
+    @functools.cache
     def affine(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(weight, bias) per channel of `normalized = raw * weight + bias`."""
+        """(weight, bias) per channel of `normalized = raw * weight + bias` (built once; never written to)."""
         mean = torch.tensor(self.mean, dtype=torch.float32)
         std = torch.tensor(self.std, dtype=torch.float32)
         return self.rescale_factor / std, -mean / std

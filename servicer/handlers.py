@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import grpc
+import numpy as np
 
 from engine_adapter.types import EngineClient
 from servicer.config import ServerConfig
@@ -118,7 +119,7 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
         policy = ImagePolicy(
             trust_gateway_hashes=config.mm_hash_policy == "trust",
             pad_values=config.mm_pad_values,
-            pad_candidates=engine.ordinary_token_ids,
+            pad_candidates=np.asarray(engine.ordinary_token_ids),
             store=self.image_store,
             consumed=ConsumedSegments(),
             unlink_shm=not config.mm_shm_keep,

@@ -11,6 +11,7 @@ M-RoPE positions from the placeholder ranges, so outputs do not change.
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import xxhash
 
@@ -26,7 +27,12 @@ def image_identity(pixels: torch.Tensor, grid_thw: tuple[int, int, int], salt: s
     return h.hexdigest()
 
 
-def pad_values(identity: str, count: int, candidates: Sequence[int]) -> list[int]:
-    """`count` ids drawn from `candidates` (ordinary tokens), deterministic in the identity and position."""
-    seed = xxhash.xxh3_64_intdigest(identity.encode())
-    return [candidates[xxhash.xxh3_64_intdigest(i.to_bytes(8, "little"), seed=seed) % len(candidates)] for i in range(count)]
+def pad_values(identity: str, count: int, candidates: Sequence[int] | np.ndarray) -> list[int]:
+    """`count` ids drawn from `candidates` (ordinary tokens; pass an array on hot paths), deterministic in the
+    identity and position: SplitMix64 of (identity hash, position), vectorized (~1,000 per 1280x720 image)."""
+    seed = np.uint64(xxhash.xxh3_64_intdigest(identity.encode()))
+    x = seed + np.arange(1, count + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)  # wraps mod 2**64
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    x ^= x >> np.uint64(31)
+    return np.asarray(candidates)[x % np.uint64(len(candidates))].tolist()

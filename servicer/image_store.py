@@ -38,7 +38,8 @@ class ImageStore:
         self._misses = 0
         self._lock = threading.Lock()
 
-    def put(self, identity: str, image: StoredImage) -> None:
+    def put(self, identity: str, image: StoredImage, copy: bool = True) -> None:
+        """Keep `image` (LRU by bytes); `copy`: its pixels view memory someone else may write."""
         size = image.pixel_values.nbytes
         if size > self.capacity_bytes:
             return
@@ -46,9 +47,11 @@ class ImageStore:
             if identity in self._items:
                 self._items.move_to_end(identity)
                 return
-            # Own the bytes: the request's tensors may view a gRPC message buffer.
-            owned = StoredImage(image.pixel_values.clone(), image.grid_thw)
-            self._items[identity] = owned
+            pixels = image.pixel_values
+            # A view into a larger buffer (one image of a batch) would keep all of it alive, unaccounted.
+            if copy or pixels.untyped_storage().nbytes() != pixels.nbytes:
+                image = StoredImage(pixels.clone(), image.grid_thw)
+            self._items[identity] = image
             self._bytes += size
             while self._bytes > self.capacity_bytes:
                 _, evicted = self._items.popitem(last=False)

@@ -109,7 +109,7 @@ class ImagePolicy:
 
     trust_gateway_hashes: bool  # --mm-hash-policy trust
     pad_values: bool  # --mm-pad-values
-    pad_candidates: tuple[int, ...]  # ordinary in-vocabulary token ids
+    pad_candidates: Sequence[int]  # ordinary in-vocabulary token ids (an array: pad values index it)
     store: ImageStore
     consumed: ConsumedSegments  # shm segments already read, for gateway retries
     unlink_shm: bool = True  # --no-mm-shm-keep
@@ -139,15 +139,16 @@ def _identities(mm: pb.MultimodalInputs, kind: Modality, where: str, raw: list[t
 
 
 def _resolve(identities, ready, grids, kind: Modality, where: str, store: ImageStore,
-             kv_from_prefill: bool) -> list[torch.Tensor | None]:
-    """Engine-ready pixels per item: the request's own (then stored), or the store's for references.
+             kv_from_prefill: bool, store_copies: bool) -> list[torch.Tensor | None]:
+    """Engine-ready pixels per item: the request's own (then stored; copied if `store_copies`), or the
+    store's for references.
 
     On a decode leg whose prompt KV comes from a prefill worker, a reference this servicer
     does not hold stays None: the engine only needs its grid (positions) and identity."""
     out, missing = [], []
     for i, (ident, px, thw) in enumerate(zip(identities, ready, grids)):
         if px is not None:
-            store.put(ident, StoredImage(px, thw))
+            store.put(ident, StoredImage(px, thw), copy=store_copies)
         else:
             stored = store.get(ident)
             if stored is None:
@@ -184,21 +185,24 @@ def _pixels(mm: pb.MultimodalInputs, where: str, policy: ImagePolicy) -> tuple[t
         return None, gone
 
 
-def _split(pixels, sent_rows: list[int], patch_dim: int, kind: Modality, where: str, prepare_pixels) -> tuple[list, list]:
-    """Per item: the rows as sent (for hashing) and engine-ready (one cast for the batch); None where not sent."""
+def _split(pixels, sent_rows: list[int], patch_dim: int, kind: Modality, where: str,
+           prepare_pixels) -> tuple[list, list, bool]:
+    """Per item: the rows as sent (for hashing) and engine-ready (one cast for the batch); None where not sent.
+    And whether the engine-ready rows still view the payload (no cast was needed)."""
     count = len(sent_rows)
     raw, ready = [None] * count, [None] * count
     if pixels is None:
-        return raw, ready
+        return raw, ready, False
     if pixels.dim() != 2 or pixels.shape[0] != sum(sent_rows) or pixels.shape[1] != patch_dim:
         raise InvalidArgument(
             f"{where}.pixel_values: shape {list(pixels.shape)}, but {kind.grid_key} implies "
             f"[{sum(sent_rows)}, {patch_dim}] ({sent_rows} rows per {kind.name})"
         )
-    for i, (r, p) in enumerate(zip(torch.split(pixels, sent_rows), torch.split(prepare_pixels(pixels), sent_rows))):
+    prepared = prepare_pixels(pixels)
+    for i, (r, p) in enumerate(zip(torch.split(pixels, sent_rows), torch.split(prepared, sent_rows))):
         if sent_rows[i]:
             raw[i], ready[i] = r, p
-    return raw, ready
+    return raw, ready, prepared.untyped_storage().data_ptr() == pixels.untyped_storage().data_ptr()
 
 
 def _retried_identities(mm: pb.MultimodalInputs, where: str, sent_rows: list[int], policy: ImagePolicy) -> list[str]:
@@ -273,7 +277,7 @@ def decode_media(
         raise InvalidArgument(f"{where}.mm_hashes: {len(mm.mm_hashes)} hashes for {count} {kind.name}s")
     seconds = _seconds_per_grid(mm, kind, where, count, policy.unlink_shm)
     pixels, gone = _pixels(mm, where, policy)
-    raw, ready = _split(pixels, sent_rows, info.patch_dim, kind, where, prepare_pixels)
+    raw, ready, views_payload = _split(pixels, sent_rows, info.patch_dim, kind, where, prepare_pixels)
     merge = info.spatial_merge_size
     grids = [tuple(thw) for thw in grid.tolist()]
     frames = kind is VIDEO and info.video_frames_layout
@@ -287,7 +291,10 @@ def decode_media(
     if pixels is not None and mm.pixel_values.WhichOneof("payload") == "shm":
         policy.consumed.remember(mm.pixel_values.shm.name, tuple(identities[i] for i, n in enumerate(sent_rows) if n))
     try:
-        ready = _resolve(identities, ready, grids, kind, where, policy.store, kv_from_prefill)
+        # The store copies only pixels that still view the gateway's shared memory, which it could write
+        # again; inline bytes are an immutable object of our own, and a cast made new ones.
+        shm_view = views_payload and mm.pixel_values.WhichOneof("payload") == "shm"
+        ready = _resolve(identities, ready, grids, kind, where, policy.store, kv_from_prefill, shm_view)
     except FailedPrecondition:
         if gone is None:
             raise
@@ -313,7 +320,10 @@ def engine_prompt_ids(ids: list[int], media: list[MediaItem], policy: ImagePolic
     for item in media:
         if item.modality == "video" and info.video_frames_layout:
             continue
-        positions = [item.offset + k for k in range(item.length) if item.is_embed is None or item.is_embed[k]]
+        if item.is_embed is None:
+            out[item.offset:item.offset + item.length] = pad_values(item.identity, item.length, policy.pad_candidates)
+            continue
+        positions = [item.offset + k for k in range(item.length) if item.is_embed[k]]
         for pos, pad in zip(positions, pad_values(item.identity, len(positions), policy.pad_candidates)):
             out[pos] = pad
     return out

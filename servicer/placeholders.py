@@ -116,6 +116,8 @@ def frame_layout(frames: int, tokens_per_frame: int, step_seconds: float, pad_id
 
 def expanded(ids: list[int], inserts: list[tuple[int, tuple[int, ...]]]) -> list[int]:
     """`ids` with the placeholder at each inserted position replaced by its tokens."""
+    if not inserts:  # ids already expanded, as SMG sends them
+        return ids
     at = dict(inserts)
     return [t for i, tok in enumerate(ids) for t in at.get(i, (tok,))]
 

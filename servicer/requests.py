@@ -11,6 +11,7 @@ from engine_adapter.types import Constraint, EngineRequest, MediaItem, ModelInfo
 from servicer.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from servicer.multimodal import MODALITIES, ImagePolicy, decode_media, engine_prompt_ids
 from servicer.placeholders import expanded, shifted
+from servicer.tensors import payload_nbytes
 from vlm_proto import vllm_engine_pb2 as pb
 
 
@@ -260,5 +261,5 @@ class RequestDecoder:
         mm_bytes: dict[str, int] = {}
         for t in _tensors([mm for _, mm in batches]):
             transport = t.WhichOneof("payload")
-            mm_bytes[transport] = mm_bytes.get(transport, 0) + (len(t.inline) if transport == "inline" else t.shm.nbytes)
+            mm_bytes[transport] = mm_bytes.get(transport, 0) + payload_nbytes(t)
         return DecodedRequest(engine=engine, prompt_ids=tuple(ids), mm_bytes=mm_bytes)

@@ -26,6 +26,11 @@ DTYPES: dict[str, torch.dtype] = {
 }
 
 
+# torch.frombuffer warns on read-only buffers; our views are never written to. (Filtered once: a
+# catch_warnings block per call cost more than decoding a small tensor.)
+warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
+
+
 class SegmentGone(FailedPrecondition):
     """The named shared-memory segment no longer exists (e.g. a gateway retry after we consumed it)."""
 
@@ -45,6 +50,12 @@ def encode_tensor(t: torch.Tensor | np.ndarray, dtype: str | None = None) -> pb.
         raise ValueError(f"dtype {name!r} is not on the wire (allowed: {', '.join(DTYPES)})")
     raw = t.view(torch.int16) if t.dtype == torch.bfloat16 else t
     return pb.TensorData(shape=list(t.shape), dtype=name, inline=raw.numpy().tobytes())
+
+
+def payload_nbytes(tensor: pb.TensorData) -> int:
+    """The payload's size from its shape and dtype, for a tensor `decode_tensor` accepted (reading an inline
+    payload to measure it would copy it: protobuf makes a new bytes object per access)."""
+    return math.prod(tensor.shape) * DTYPES[tensor.dtype].itemsize
 
 
 def decode_tensor(field: str, tensor: pb.TensorData, unlink_shm: bool = True) -> torch.Tensor:
@@ -77,7 +88,4 @@ def decode_tensor(field: str, tensor: pb.TensorData, unlink_shm: bool = True) ->
         raise InvalidArgument(f"{field}.{payload}: not supported; send inline bytes or a shm handle")
     if expected == 0:
         return torch.empty(shape, dtype=dtype)
-    # frombuffer warns on read-only buffers; the view is never written to.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.frombuffer(data, dtype=dtype).view(shape)
+    return torch.frombuffer(data, dtype=dtype).view(shape)

@@ -28,3 +28,13 @@ def test_too_large_is_not_stored_and_bytes_are_owned():
     store.put("x", StoredImage(source, (1, 1, 1)))
     source.fill_(7)
     assert int(store.get("x").pixel_values.sum()) == 0
+
+
+def test_a_whole_buffer_of_our_own_is_kept_without_a_copy():
+    whole = torch.zeros(10, dtype=torch.uint8)
+    store = ImageStore(capacity_bytes=1000)
+    store.put("whole", StoredImage(whole, (1, 1, 1)), copy=False)
+    assert store.get("whole").pixel_values is whole
+    batch = torch.zeros(20, dtype=torch.uint8)
+    store.put("part", StoredImage(batch[:10], (1, 1, 1)), copy=False)  # would pin the other half
+    assert store.get("part").pixel_values.untyped_storage().nbytes() == 10
