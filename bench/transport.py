@@ -148,7 +148,7 @@ def breakdown(batch: Batch, transport: str, repeats: int) -> dict[str, float]:
     proc = AutoProcessor.from_pretrained(MODEL)
     ip = proc.image_processor
     norm = PixelNorm(tuple(ip.image_mean), tuple(ip.image_std), ip.rescale_factor)
-    candidates = list(range(1000, 30000))
+    candidates = np.arange(1000, 30000)  # the servicer passes an array
     rows = [int(r) for r in batch.rows]
     steps: dict[str, list[float]] = {}
     src = batch.pixels.reshape(-1).view(np.uint8)

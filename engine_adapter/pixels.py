@@ -37,8 +37,11 @@ def _per_channel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, dtyp
     # Patches are laid out [patch, channel, t, h, w] flattened, as HF's Qwen-VL processors do.
     patches, size = x.shape
     channels = weight.numel()
-    out = x.reshape(patches, channels, size // channels).to(torch.float32)
-    out = out * weight.view(1, channels, 1) + bias.view(1, channels, 1)
+    x = x.reshape(patches, channels, size // channels)
+    if x.dtype != torch.float32:
+        x = x.to(torch.float32)
+    # One pass and one new tensor (bias + x * weight); separate ops made two, each page-faulted in.
+    out = torch.addcmul(bias.view(1, channels, 1), x, weight.view(1, channels, 1))
     return out.reshape(patches, size).to(dtype)
 
 

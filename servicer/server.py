@@ -26,9 +26,16 @@ class Server:
 
     def __init__(self, config: ServerConfig, engine: EngineClient):
         limit = config.max_message_mb * 1024 * 1024
-        self.grpc = grpc.aio.server(
-            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
-        )
+        self.grpc = grpc.aio.server(options=[
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit),
+            # SMG pings its workers every 30 s. A non-streaming Generate sends nothing until it is done, and gRPC
+            # Core's defaults count each such ping (under a 5 min floor) as a strike: after two it sends GOAWAY,
+            # failing every call on the connection. Accept pings every 10 s, strike none, and allow them idle.
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+            ("grpc.http2.max_ping_strikes", 0),
+            ("grpc.keepalive_permit_without_calls", 1),
+        ])
         self.metrics = Metrics()
         self.servicer = VllmEngineServicer(engine, config, self.metrics)
         self.health = health.aio.HealthServicer()

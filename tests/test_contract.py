@@ -1,6 +1,7 @@
 """The rest of SMG's VllmEngine contract over real gRPC on the real engine: stop strings, every
 structured-output kind, truncate_prompt_tokens, GetTokenizer, StartProfile/StopProfile, info fields."""
 
+import asyncio
 import hashlib
 import io
 import json
@@ -14,7 +15,7 @@ from transformers import AutoTokenizer
 
 from tests.conftest import GENERATION_DEFAULTS
 from tests.fixtures import image, mm_inputs, request
-from vlm_proto import common_pb2, vllm_engine_pb2 as pb
+from vlm_proto import common_pb2, vllm_engine_pb2 as pb, vllm_engine_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.engine
 
@@ -195,3 +196,23 @@ async def test_info_reports_what_the_router_reads(stub, engine, model_path):
     model = await stub.GetModelInfo(pb.GetModelInfoRequest())
     assert model.tokenizer_path == model_path and model.max_req_input_len == model.max_context_length - 1
     assert json.loads(model.default_sampling_params_json) == GENERATION_DEFAULTS
+
+
+async def test_long_quiet_generates_survive_keepalive_pings(server, oracle):
+    """SMG keeps its channel alive with HTTP/2 pings; a non-streaming Generate sends nothing until it is
+    done. gRPC Core's default server policy answers such pings with GOAWAY (too_many_pings) after two strikes,
+    a few seconds in, failing every call on the connection. Here a client pinging as often as gRPC lets it
+    (about once a second) waits on four answers of ~4,000 tokens each, which take longer than that."""
+    pinging = [("grpc.keepalive_time_ms", 100), ("grpc.keepalive_timeout_ms", 10_000),
+               ("grpc.http2.max_pings_without_data", 0), ("grpc.keepalive_permit_without_calls", 1)]
+    ids = oracle.chat_ids("Count.")
+    tokens = 4096 - len(ids)
+
+    async def quiet(stub, k):
+        [done] = [r.complete async for r in stub.Generate(request(ids, f"quiet-{k}", temperature=0.0,
+                                                                  max_tokens=tokens, ignore_eos=True))]
+        return done.completion_tokens
+
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}", options=pinging) as channel:
+        stub = pb_grpc.VllmEngineStub(channel)
+        assert await asyncio.gather(*(quiet(stub, k) for k in range(4))) == [tokens] * 4
