@@ -313,11 +313,12 @@ def report(runs: dict, args) -> None:
     mode = ("all up, load on one at a time, order alternating per cell" if args.all_up
             else "one server up at a time, each round a fresh start, order alternating per round")
     print(f"\n{args.duration:g} s per cell after a {args.warmup:g} s warm-up, {args.rounds} round(s) (median); {mode}."
-          "\nrps and latency (ms); x = ours / incumbent; limit = in-process AsyncLLM, ours% = ours / limit."
+          "\nrps and latency p50 / p99 (ms); x = ours / incumbent; limit = in-process AsyncLLM, ours% = ours / limit."
           "\nCPU ms per request: front end (the gRPC process) / engine (its vLLM processes) / client (the load driver);"
           "\nfor the limit, front = its one process (driver and vLLM's front end together);"
           "\nfloor = a gRPC server answering at once with no engine (bench/grpc_floor.py): its front-end CPU.")
-    head = (f"{'scenario':20s} {'c':>3s} | {'ours rps':>9s} {'p50':>7s} | {'inc rps':>9s} {'p50':>7s} | {'rps x':>6s}"
+    head = (f"{'scenario':20s} {'c':>3s} | {'ours rps':>9s} {'p50':>7s} {'p99':>7s} | {'inc rps':>9s} {'p50':>7s} {'p99':>7s}"
+            f" | {'rps x':>6s}"
             f" | {'limit':>7s} {'ours%':>6s} | {'ours cpu f/e/c':>18s} | {'inc cpu f/e/c':>18s} | {'front x':>7s}"
             f" | {'limit f/e':>11s} | {'floor f':>7s}")
     print(head + "\n" + "-" * len(head))
@@ -328,7 +329,8 @@ def report(runs: dict, args) -> None:
                     if run and run["results"][scenario][c]}
             fig = {k: median_figures(v) for k, v in rows.items()}
             cpu = {k: median_cpu(v) for k, v in rows.items()}
-            cell = lambda k: f"{fig[k][0]:9.1f} {fig[k][1]:7.1f}" if k in fig else f"{'-':>9s} {'-':>7s}"  # noqa: E731
+            cell = lambda k: (f"{fig[k][0]:9.1f} {fig[k][1]:7.1f} {fig[k][2]:7.1f}" if k in fig  # noqa: E731
+                              else f"{'-':>9s} {'-':>7s} {'-':>7s}")
             split = lambda k: (f"{cpu[k]['front_end']:5.2f}/{cpu[k]['engine']:5.2f}/{cpu[k]['client']:5.2f}"  # noqa: E731
                                if k in cpu else f"{'-':>17s}")
             both = "ours" in fig and "inc" in fig
