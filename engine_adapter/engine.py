@@ -80,8 +80,9 @@ class _StatsRecorder(StatLoggerBase):
 
 def _drop_prometheus_logger(llm: AsyncLLM) -> None:
     """Remove vLLM's Prometheus stat logger, which AsyncLLM always adds and this servicer never exports
-    (it has its own /metrics): it cost ~10% of the front end's CPU per request, observing per-token histograms.
-    vLLM has no switch for it short of dropping all stats, which GetLoads needs; pinned by test_engine_stats."""
+    (it has its own /metrics): observing per-token histograms, it cost about a fifth of the front end's CPU per
+    short request. vLLM has no switch for it short of dropping all stats, which GetLoads needs; pinned by
+    test_metrics.py::test_request_log_line_follows_vllms_flag."""
     manager = llm.logger_manager  # private to AsyncLLM (vLLM 0.32)
     if manager is not None:
         manager.stat_loggers = [s for s in manager.stat_loggers if not isinstance(s, PrometheusStatLogger)]
