@@ -4,8 +4,8 @@ Acts as a same-host gateway, in SMG's request layout, with the pixels in either 
 raw uint8 patches (what SMG sends a worker reporting mm_device_do_normalize; ~5.5 MB per image) or
 normalized float32 patches (~22 MB), in the message or in a /dev/shm segment. Per cell: end-to-end
 latency with max_tokens=1 (median of --repeats), and for our servicer its own ingest time (validation,
-decode, hashing, casts; from its /metrics) and ingest GB/s against this machine's memcpy bandwidth for the
-same bytes, measured in the same run. `--breakdown` times each ingest step in-process (no server), to show
+decode, hashing, casts; from its /metrics) and ingest GB/s against this machine's memcpy bandwidth
+(memcpy_gbps), measured in the same run. `--breakdown` times each ingest step in-process (no server), to show
 where the time goes.
 
     bash bench/incumbent_env.sh   # once
@@ -141,13 +141,16 @@ def measure(server: Server, batches: dict, args, metrics_port: int | None) -> li
     return rows
 
 
-def breakdown(batch: Batch, transport: str, repeats: int) -> dict[str, float]:
+def pixel_norm() -> PixelNorm:
+    """The model's rescale and normalization, as the engine resolves them."""
+    ip = AutoProcessor.from_pretrained(MODEL).image_processor
+    return PixelNorm(tuple(ip.image_mean), tuple(ip.image_std), ip.rescale_factor)
+
+
+def breakdown(batch: Batch, transport: str, repeats: int, norm: PixelNorm) -> dict[str, float]:
     """Each step of our ingest of one request's pixels, in-process, in ms (median of `repeats`): the
     protobuf parse gRPC does before the handler (inline bytes are copied there), the tensor view (inline) or
     map (shm), hashing, the cast to what the vision tower takes, and pad values; memcpy of the same bytes."""
-    proc = AutoProcessor.from_pretrained(MODEL)
-    ip = proc.image_processor
-    norm = PixelNorm(tuple(ip.image_mean), tuple(ip.image_std), ip.rescale_factor)
     candidates = np.arange(1000, 30000)  # the servicer passes an array
     rows = [int(r) for r in batch.rows]
     steps: dict[str, list[float]] = {}
@@ -187,10 +190,11 @@ def main() -> None:
     bandwidth = memcpy_gbps()
     print(f"memcpy bandwidth on this machine: {bandwidth:.1f} GB/s")
     if args.breakdown:
+        norm = pixel_norm()
         print(f"{'pixels':>7} {'images':>6} {'MB':>6} {'transport':>9} | ms per step (median of {args.repeats})")
         for (dtype, n), batch in batches.items():
             for transport in ("inline", "shm"):
-                steps = breakdown(batch, transport, args.repeats)
+                steps = breakdown(batch, transport, args.repeats, norm)
                 print(f"{dtype:>7} {n:6d} {batch.pixels.nbytes / 1e6:6.1f} {transport:>9} | "
                       + "  ".join(f"{step} {ms:.2f}" for step, ms in steps.items()), flush=True)
         return

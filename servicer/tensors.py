@@ -67,7 +67,7 @@ def decode_tensor(field: str, tensor: pb.TensorData, unlink_shm: bool = True) ->
     if not shape:
         raise InvalidArgument(f"{field}.shape: must have at least one dimension")
     payload = tensor.WhichOneof("payload")
-    expected = math.prod(shape) * dtype.itemsize
+    expected = payload_nbytes(tensor)
     if payload == "inline":
         data = tensor.inline
         if len(data) != expected:
