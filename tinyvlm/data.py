@@ -1,8 +1,8 @@
 """Synthetic "shapes" images and one-word questions about them, generated from a seed.
 
-Every image holds one shape in one colour (size, position and rotation vary) on a
-tinted-grey background that may carry a gradient and mild noise, so every question has
-exactly one answer:
+Every image holds one shape in one colour (size, position, rotation, outline and
+anti-aliasing vary) on a background of any hue, flat, graded or split in two, kept apart
+from the shape's colour, so every question has exactly one answer:
 
     "What colour is the shape?"   -> red / green / blue / yellow / purple / orange / white / black
     "What shape is it?"           -> circle / square / triangle / star / cross
@@ -10,6 +10,8 @@ exactly one answer:
 Same seed, same samples, on every machine (only Python's `random` and Pillow drawing).
 """
 
+import colorsys
+import itertools
 import math
 import random
 from dataclasses import dataclass
@@ -32,7 +34,7 @@ QUESTIONS: dict[str, str] = {
     "colour": "What colour is the shape?",
     "shape": "What shape is it?",
 }
-QUESTION_WEIGHTS = {"colour": 1.0, "shape": 2.0}  # colour is learned in a few hundred steps, shape is not
+QUESTION_WEIGHTS = {"colour": 1.0, "shape": 3.0}  # colour is learned in a few hundred steps, shape is not
 # Filler prose that may sit between the image and the question (a fifth of training
 # batches carry 1-8 sentences of it, up to ~180 tokens), so the model reads past text to the question and a
 # test can put the image inside full 128-token KV blocks without leaving what it learned.
@@ -47,11 +49,27 @@ ANSWER_WORDS = [*COLOURS, *SHAPES]
 # Small images on purpose: a shape that spans only a few 14-pixel patches shows a corner,
 # a curve or a spike in each of them, which a tiny ViT learns in minutes; the same shape
 # drawn 112 pixels wide is mostly flat interior per patch and takes far longer to learn.
-SIZES: dict[tuple[int, int], float] = {(56, 56): 0.7, (56, 84): 0.15, (84, 56): 0.15}
-# The shape's radius as a fraction of the image's shorter side: it fills much of the picture.
-RADIUS = (0.36, 0.45)
-# Rotation range (radians, either way) per shape; a star looks the same every 72 degrees.
-SPIN = {"circle": 0.0, "square": 0.3, "triangle": 0.3, "star": math.pi, "cross": 0.3}
+SIZES: dict[tuple[int, int], float] = {(56, 56): 0.5, (56, 84): 0.25, (84, 56): 0.25}
+# The shape's radius as a fraction of the image's shorter side: from a fifth of it to all of it,
+# so the model reads a shape at any size a person would draw it, not at one scale.
+RADIUS = (0.28, 0.5)
+# A cross's arms reach this share of the radius: a plus sign drawn edge to edge, or a compact one.
+CROSS_ARM = (0.75, 1.0)
+# Up to this share of the radius may fall past the image's edge (a shape drawn as large as the
+# image, or near its border, is clipped a little).
+OFF_FRAME = 0.12
+# A curriculum's first lessons: large, nearly upright shapes on grey, drawn plainly (see `easy`).
+EASY_RADIUS, EASY_TURN = (0.36, 0.45), 0.3
+# A shape reads the same after these turns (radians); each is drawn at any angle below its own.
+PERIOD = {"circle": 0.0, "square": math.pi / 2, "triangle": 2 * math.pi / 3, "star": 2 * math.pi / 5,
+          "cross": math.pi / 2}
+# The coverage mask a training-only head learns (tinyvlm/train.py VisionProbe): 4-pixel cells.
+MASK_SCALE = 4
+# Anti-aliased drawing: the scene drawn this many times larger, then averaged down.
+SUPERSAMPLE = 4
+# Backgrounds are kept at least this far (Euclidean RGB) from the shape's drawn colour: a shape
+# that is the background's colour has no answer.
+MIN_CONTRAST = 90
 
 
 @dataclass
@@ -60,26 +78,30 @@ class Sample:
     colour: str
     shape: str
 
+    mask: Image.Image | None = None  # the shape's coverage (outline included), 1/MASK_SCALE of each side
+
     def answer(self, kind: str) -> str:
         return {"colour": self.colour, "shape": self.shape}[kind]
 
 
-def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
-    """Outline of `shape` with circumradius-ish `r` around (cx, cy), rotated by `angle` radians."""
+def _polygon(shape: str, cx: float, cy: float, r: float, angle: float, rng: random.Random) -> list[tuple[float, float]]:
+    """Outline of `shape` with circumradius-ish `r` around (cx, cy), rotated by `angle` radians;
+    a star's inner radius and a cross's arm width vary with `rng`."""
     if shape == "square":
-        s = r / math.sqrt(2) * 1.15
+        s = r / math.sqrt(2)
         pts = [(-s, -s), (s, -s), (s, s), (-s, s)]
     elif shape == "triangle":
         pts = [(r * math.cos(a), r * math.sin(a)) for a in (-math.pi / 2 + k * 2 * math.pi / 3 for k in range(3))]
-        pts = [(x, y + r * 0.18) for x, y in pts]  # centre the bounding box
     elif shape == "star":
+        inner = rng.uniform(0.36, 0.52)
         pts = []
         for k in range(10):
-            rad = r if k % 2 == 0 else r * 0.42
+            rad = r if k % 2 == 0 else r * inner
             a = -math.pi / 2 + k * math.pi / 5
             pts.append((rad * math.cos(a), rad * math.sin(a)))
     elif shape == "cross":
-        a, b = r, r * 0.34
+        a = r * rng.uniform(*CROSS_ARM)
+        b = a * rng.uniform(0.26, 0.42)
         pts = [(-b, -a), (b, -a), (b, -b), (a, -b), (a, b), (b, b), (b, a), (-b, a), (-b, b), (-a, b), (-a, -b), (-b, -b)]
     else:
         raise ValueError(shape)
@@ -87,21 +109,40 @@ def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[t
     return [(cx + x * c - y * s, cy + x * s + y * c) for x, y in pts]
 
 
-def _background(rng: random.Random, w: int, h: int) -> Image.Image:
-    """Tinted mid grey, optionally a linear gradient, plus mild per-pixel noise."""
-    base = rng.randint(80, 180)
-    c0 = [min(255, max(0, base + rng.randint(-30, 30))) for _ in range(3)]
-    if rng.random() < 0.5:
-        img = Image.new("RGB", (w, h), tuple(c0))
-    else:
-        c1 = [min(255, max(0, v + rng.randint(-45, 45))) for v in c0]
+def _tone(rng: random.Random, avoid: tuple[int, int, int], grey: bool = False) -> tuple[int, int, int]:
+    """A background colour: tinted mid grey, or any hue; never within MIN_CONTRAST of `avoid`."""
+    while True:
+        if grey or rng.random() < 0.4:
+            base = rng.randint(80, 180)
+            rgb = tuple(min(255, max(0, base + rng.randint(-30, 30))) for _ in range(3))
+        else:
+            rgb = tuple(round(v * 255) for v in colorsys.hsv_to_rgb(rng.random(), rng.uniform(0, 0.8), rng.uniform(0.2, 0.9)))
+        if math.dist(rgb, avoid) >= MIN_CONTRAST:
+            return rgb
+
+
+def _background(rng: random.Random, w: int, h: int, avoid: tuple[int, int, int], plain: bool = False) -> Image.Image:
+    """Flat, a linear gradient, or two tones split by a line at any angle; optionally mild noise.
+    `plain`: flat grey only."""
+    c0 = _tone(rng, avoid, grey=plain)
+    style = "flat" if plain else rng.choice(("flat", "gradient", "split"))
+    img = Image.new("RGB", (w, h), c0)
+    if style == "gradient":
+        c1 = _tone(rng, avoid)
         horizontal = rng.random() < 0.5
         n = w if horizontal else h
         strip = Image.new("RGB", (n, 1))
         strip.putdata([tuple(round(a + (b - a) * i / max(1, n - 1)) for a, b in zip(c0, c1)) for i in range(n)])
         img = strip.resize((w, h), Image.NEAREST) if horizontal else strip.resize((h, w), Image.NEAREST).transpose(
             Image.Transpose.TRANSPOSE)
-    if rng.random() < 0.5:  # mild noise, seeded through the same generator
+    elif style == "split":
+        c1 = _tone(rng, avoid)
+        px, py, a = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(0, math.pi)
+        ux, uy, far = math.cos(a), math.sin(a), 2 * (w + h)
+        ImageDraw.Draw(img).polygon([(px - ux * far, py - uy * far), (px + ux * far, py + uy * far),
+                                     (px + ux * far - uy * far, py + uy * far + ux * far),
+                                     (px - ux * far - uy * far, py - uy * far + ux * far)], fill=c1)
+    if rng.random() < 0.4:  # mild noise, seeded through the same generator
         noise = Image.frombytes("L", (w, h), bytes(rng.getrandbits(8) for _ in range(w * h)))
         img = Image.blend(img, Image.merge("RGB", (noise, noise, noise)), rng.uniform(0.03, 0.10))
     return img
@@ -115,23 +156,41 @@ def pick_size(rng: random.Random) -> tuple[int, int]:
     return rng.choices(list(SIZES), weights=list(SIZES.values()))[0]
 
 
-def make_sample(rng: random.Random, size: tuple[int, int] | None = None, colour: str | None = None) -> Sample:
-    """One image with one shape. `colour` overrides the drawn colour without changing
-    anything else the seed draws (the same scene in another colour)."""
+def make_sample(rng: random.Random, size: tuple[int, int] | None = None, colour: str | None = None,
+                easy: bool = False) -> Sample:
+    """One image with one shape: any size in RADIUS, any turn, anywhere (its rim may pass the edge,
+    OFF_FRAME); filled, sometimes outlined; aliased or anti-aliased; with its coverage mask. `colour`
+    overrides the drawn colour without changing anything else the seed draws (the same scene in
+    another colour). `easy`: a large, nearly upright shape wholly inside, on flat grey, no outline,
+    aliased (a curriculum's start)."""
     w, h = size or pick_size(rng)
     drawn = rng.choice(list(COLOURS))
-    colour = colour or drawn
     shape = rng.choice(SHAPES)
-    img = _background(rng, w, h)
-    r = min(w, h) * rng.uniform(*RADIUS)
-    cx, cy = rng.uniform(r + 1, w - r - 1), rng.uniform(r + 1, h - r - 1)
-    fill = _jitter(rng, COLOURS[colour])
-    draw = ImageDraw.Draw(img)
+    img = _background(rng, w, h, COLOURS[drawn], plain=easy)
+    r = min(w, h) * rng.uniform(*(EASY_RADIUS if easy else RADIUS))
+    inside = r if easy else r * (1 - OFF_FRAME)  # how near an edge the centre may come
+    cx, cy = rng.uniform(inside, w - inside), rng.uniform(inside, h - inside)
+    fill = _jitter(rng, COLOURS[colour or drawn])
+    outline, width = None, 0
+    if not easy and rng.random() < 0.35:  # an outline: darker, lighter, black or white, 1-2 pixels
+        outline = rng.choice((tuple(v // 2 for v in fill), tuple((v + 255) // 2 for v in fill), (0, 0, 0),
+                              (255, 255, 255)))
+        width = rng.choice((1, 2))
+    k = SUPERSAMPLE if not easy and rng.random() < 0.5 else 1
+    canvas = img.resize((w * k, h * k), Image.NEAREST) if k > 1 else img
+    draw = ImageDraw.Draw(canvas)
+    cover = Image.new("L", (w * SUPERSAMPLE, h * SUPERSAMPLE), 0)
     if shape == "circle":
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+        for d, f, o, s in ((draw, fill, outline, k), (ImageDraw.Draw(cover), 255, 255 if outline else None, SUPERSAMPLE)):
+            d.ellipse([s * (cx - r), s * (cy - r), s * (cx + r), s * (cy + r)], fill=f, outline=o, width=s * width)
     else:
-        draw.polygon(_polygon(shape, cx, cy, r, rng.uniform(-SPIN[shape], SPIN[shape])), fill=fill)
-    return Sample(img, colour, shape)
+        turn = rng.uniform(-EASY_TURN, EASY_TURN) if easy and shape != "star" else rng.uniform(0, PERIOD[shape])
+        pts = _polygon(shape, cx, cy, r, turn, rng)
+        draw.polygon([(k * x, k * y) for x, y in pts], fill=fill, outline=outline, width=k * width)
+        ImageDraw.Draw(cover).polygon([(SUPERSAMPLE * x, SUPERSAMPLE * y) for x, y in pts], fill=255,
+                                      outline=255 if outline else None, width=SUPERSAMPLE * width)
+    img = canvas.resize((w, h), Image.BOX) if k > 1 else canvas
+    return Sample(img, colour or drawn, shape, cover.resize((w // MASK_SCALE, h // MASK_SCALE), Image.BOX))
 
 
 def filler(rng: random.Random, sentences: int) -> str:
@@ -140,21 +199,23 @@ def filler(rng: random.Random, sentences: int) -> str:
                    for _ in range(sentences))
 
 
-def make_qa(rng: random.Random, size: tuple[int, int] | None = None, prose: bool = False):
-    """One (sample, kind, question, answer); with `prose` the question starts with filler."""
+def make_qa(rng: random.Random, size: tuple[int, int] | None = None, sentences: int = 0, easy: bool = False):
+    """One (sample, kind, question, answer); the question starts with `sentences` sentences of filler."""
     kind = rng.choices(list(QUESTION_WEIGHTS), weights=list(QUESTION_WEIGHTS.values()))[0]
-    sample = make_sample(rng, size)
-    lead = filler(rng, rng.randint(1, 8)) if prose else ""
-    return sample, kind, lead + QUESTIONS[kind], sample.answer(kind)
+    sample = make_sample(rng, size, easy=easy)
+    return sample, kind, filler(rng, sentences) + QUESTIONS[kind], sample.answer(kind)
 
 
-def batches(seed: int, batch_size: int):
+def batches(seed: int, batch_size: int, easy_share=None):
     """Endless reproducible training batches; every batch shares one image size, and a fifth
-    of them (whole batches, so short prompts are not padded to long ones) carry filler."""
+    of them carry 1-8 sentences of filler, as many in each of its prompts (whole batches of near
+    one length: short prompts are not padded to long ones, nor 1 sentence to 8).
+    `easy_share(i)`: the chance that batch i is all `easy` samples (a curriculum)."""
     rng = random.Random(seed)
-    while True:
-        size, prose = pick_size(rng), rng.random() < 0.2
-        yield [make_qa(rng, size=size, prose=prose) for _ in range(batch_size)]
+    for i in itertools.count():
+        size, sentences = pick_size(rng), rng.randint(1, 8) if rng.random() < 0.2 else 0
+        easy = easy_share is not None and rng.random() < easy_share(i)
+        yield [make_qa(rng, size=size, sentences=sentences, easy=easy) for _ in range(batch_size)]
 
 
 def held_out(seed: int, n_images: int):

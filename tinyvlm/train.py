@@ -24,19 +24,22 @@ import pathlib
 import random
 import time
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import Qwen2VLForConditionalGeneration
 from transformers.models.qwen2_vl import modeling_qwen2_vl
 
 from tinyvlm.build import VOCAB_SIZE, build_config, build_image_processor, write_checkpoint
-from tinyvlm.data import ANSWER_WORDS, COLOURS, QUESTIONS, SHAPES, batches, held_out
+from tinyvlm.data import ANSWER_WORDS, COLOURS, MASK_SCALE, QUESTIONS, SHAPES, batches, held_out
 from tinyvlm.tokenizer import build_tokenizer
 
-RECIPE_VERSION = "qwen2-vl-shapes-2"
+RECIPE_VERSION = "qwen2-vl-shapes-3"
 SYSTEM_PREFIX = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
 ASSISTANT_PREFIX = "<|im_end|>\n<|im_start|>assistant\n"
 FORMS, FORM_WEIGHTS = ("word", "json", "tool"), (0.8, 0.1, 0.1)  # how training answers are written
+VISION_LR_SCALE = 0.2
+MASK_WEIGHT = 4.0  # the coverage-mask loss against the label loss, in VisionProbe
 GAP = 0.5  # a top-1/top-2 logprob gap below this is a near-tie an engine could flip
 
 # Decoder stays at build.py's shape (head_dim 64 for vLLM's CPU attention); the vision
@@ -77,11 +80,18 @@ class Encoder:
         assert self.enc(head + answer + tail) == ids[:-1], "the answer word is its own token inside JSON"
         return ids, [-100] + ids[1:]  # no loss on the opening bracket
 
-    def batch(self, items, forms=None):
+    def pixels(self, images, fast: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pixel_values, image_grid_thw) of `images`: the image processor's, or with `fast` (images of
+        one size that it keeps as they are) the same values computed in one tensor pass."""
+        if fast and len({im.size for im in images}) == 1:
+            return patchify(images, self.proc)
+        out = self.proc(images=images, return_tensors="pt")
+        return out["pixel_values"].to(torch.float32), out["image_grid_thw"].to(torch.int64)
+
+    def batch(self, items, forms=None, fast: bool = False):
         """items: [(PIL image, question, answer)] -> model kwargs (incl. labels) for one padded batch;
-        `forms`: per item, ("word" | "json" | "tool", question kind)."""
-        out = self.proc(images=[im for im, _, _ in items], return_tensors="pt")
-        grids = out["image_grid_thw"].to(torch.int64)
+        `forms`: per item, ("word" | "json" | "tool", question kind); `fast`: see `pixels`."""
+        pixel_values, grids = self.pixels([im for im, _, _ in items], fast)
         seqs, labs = [], []
         for (_, question, answer), grid, form in zip(items, grids, forms or [("word", "")] * len(items)):
             n = int(grid.prod()) // 4
@@ -96,8 +106,34 @@ class Encoder:
         for i, (s, l) in enumerate(zip(seqs, labs)):
             ids[i, :len(s)], labels[i, :len(l)], mask[i, :len(s)] = torch.tensor(s), torch.tensor(l), 1
         return dict(input_ids=ids, attention_mask=mask, labels=labels,
-                    pixel_values=out["pixel_values"].to(torch.float32), image_grid_thw=grids,
+                    pixel_values=pixel_values, image_grid_thw=grids,
                     mm_token_type_ids=(ids == self.pad_id).to(torch.int64))
+
+
+def patchify(images, processor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What Qwen2-VL's image processor returns for same-size images it does not resize (sides that are
+    multiples of patch x merge, within its pixel bounds), in one tensor pass: a sixth of a training
+    step's time otherwise. tests/test_train.py holds it to the processor's output."""
+    p, m, t = processor.patch_size, processor.merge_size, processor.temporal_patch_size
+    x = torch.from_numpy(np.stack([np.asarray(im.convert("RGB")) for im in images])).to(torch.float32)
+    mean, std = torch.tensor(processor.image_mean), torch.tensor(processor.image_std)
+    x = (x * processor.rescale_factor - mean) / std  # [B, H, W, C]
+    n, h, w, c = x.shape
+    gh, gw = h // p, w // p
+    assert (gh % m, gw % m) == (0, 0) and processor.size["shortest_edge"] <= h * w <= processor.size["longest_edge"], (h, w)
+    # [B, C, gh/m, m, p, gw/m, m, p] -> [B, gh/m, gw/m, m, m, C, p, p]; each frame twice (temporal patch)
+    x = x.permute(0, 3, 1, 2).reshape(n, c, gh // m, m, p, gw // m, m, p).permute(0, 2, 5, 3, 6, 1, 4, 7)
+    x = x.unsqueeze(6).expand(*x.shape[:6], t, p, p)
+    return x.reshape(n * gh * gw, c * t * p * p), torch.tensor([[1, gh, gw]] * n, dtype=torch.int64)
+
+
+def answer_loss(model, batch) -> torch.Tensor:
+    """The causal-LM loss on the labelled positions, with the vocabulary projection run only there
+    (the answer is a few tokens of a ~50-token prompt; the full logits cost a third of a step)."""
+    labels = batch["labels"]
+    hidden = model.model(**{k: v for k, v in batch.items() if k != "labels"}).last_hidden_state
+    keep = labels[:, 1:] != -100  # the state at t predicts the token at t+1
+    return F.cross_entropy(model.lm_head(hidden[:, :-1][keep]).float(), labels[:, 1:][keep])
 
 
 def _equal_length_vision_attention(self, hidden_states, cu_seqlens, position_embeddings=None, **kwargs):
@@ -133,8 +169,14 @@ def answer_logprobs(model, batch):
 def evaluate(model, encoder, seed: int, n_images: int, batch_size: int = 50) -> dict:
     """Fresh images from `seed`, each asked its colour and its shape. Exact answer = the
     greedy answer word, then <|im_end|>; the gap is top-1 minus top-2 logprob at both."""
+    result = score(model, encoder, held_out(seed, n_images), batch_size)
+    return {"eval_seed": seed, "images_per_question": n_images, **result}
+
+
+@torch.no_grad()
+def score(model, encoder, items, batch_size: int = 50) -> dict:
+    """Accuracy and logprob gaps over [(sample, kind, question, answer)] (any object with .image)."""
     model.eval()
-    items = held_out(seed, n_images)
     stats = {kind: {"correct": 0, "total": 0, "gaps": []} for kind in QUESTIONS}
     for i in range(0, len(items), batch_size):
         chunk = items[i:i + batch_size]
@@ -146,7 +188,7 @@ def evaluate(model, encoder, seed: int, n_images: int, batch_size: int = 50) -> 
             stats[kind]["correct"] += ok
             stats[kind]["total"] += 1
             stats[kind]["gaps"] += g
-    result = {"eval_seed": seed, "images_per_question": n_images, "accuracy": {}, "gap_fraction": {}, "min_gap": {}}
+    result = {"accuracy": {}, "gap_fraction": {}, "min_gap": {}}
     for kind, st in stats.items():
         result["accuracy"][kind] = st["correct"] / st["total"]
         result["gap_fraction"][kind] = sum(g >= GAP for g in st["gaps"]) / len(st["gaps"])
@@ -165,25 +207,86 @@ def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
 
 
 class VisionProbe(torch.nn.Module):
-    """Training-only auxiliary head: a linear read of colour and shape from each image's
-    mean merged vision token. It hands the vision tower a direct gradient (the answer loss
-    reaches it only through the decoder's attention, which is slow to teach it shapes); it is
-    not part of the checkpoint."""
+    """Training-only auxiliary heads on each image's merged vision tokens; not part of the checkpoint.
+    They hand the vision tower a direct gradient (the answer loss reaches it only through the
+    decoder's attention, which is slow to teach it shapes):
 
-    def __init__(self, width: int):
+    - a linear read of colour and shape from the tokens max-pooled: max pooling sends the gradient
+      to the token that sees the shape best, wherever it sits, far faster than a mean does;
+    - each token's own patch of the shape's coverage mask (a 4-pixel grid): a dense, colour-blind
+      signal of where the outline runs, which teaches arms, points and corners sooner than the
+      one label per image does (star and cross are the pair the label alone leaves confused)."""
+
+    def __init__(self, width: int, cells: int, mask_weight: float = MASK_WEIGHT):
         super().__init__()
         self.linear = torch.nn.Linear(width, len(COLOURS) + len(SHAPES))
+        self.mask = torch.nn.Linear(width, cells * cells)
+        self.cells, self.mask_weight = cells, mask_weight
 
-    def loss(self, merged: torch.Tensor, grids: torch.Tensor, samples) -> torch.Tensor:
-        per_image = torch.stack([t.mean(0) for t in merged.split((grids.prod(-1) // 4).tolist())])
-        logits = self.linear(per_image).split([len(COLOURS), len(SHAPES)], dim=-1)
-        targets = [torch.tensor(t) for t in zip(*[(list(COLOURS).index(s.colour), SHAPES.index(s.shape))
-                                                 for s in samples])]
-        return sum(F.cross_entropy(lg, t) for lg, t in zip(logits, targets))
+    def mask_targets(self, samples) -> torch.Tensor:
+        """[tokens, cells²]: each merged token's square of the coverage masks, in the tower's token order."""
+        c, out = self.cells, []
+        for s in samples:
+            m = torch.from_numpy(np.asarray(s.mask, dtype=np.float32) / 255)
+            h, w = m.shape
+            out.append(m.reshape(h // c, c, w // c, c).permute(0, 2, 1, 3).reshape(-1, c * c))
+        return torch.cat(out)
+
+    def loss(self, merged: torch.Tensor, grids: torch.Tensor, samples, every_token: bool = False) -> torch.Tensor:
+        """`every_token` adds the same read from each token alone, so that every token carries the
+        shape's colour and kind, not just the one max pooling picks: the decoder's attention averages
+        tokens, and a background token's colour would otherwise pull the answer towards its own."""
+        counts = (grids.prod(-1) // 4).tolist()
+        per_image = torch.stack([t.max(0).values for t in merged.split(counts)])
+        targets = torch.tensor([(list(COLOURS).index(s.colour), SHAPES.index(s.shape)) for s in samples])
+        loss = self._labels(per_image, targets)
+        if every_token:
+            loss = loss + self._labels(merged, targets.repeat_interleave(torch.tensor(counts), dim=0))
+        return loss + self.mask_weight * F.binary_cross_entropy_with_logits(self.mask(merged), self.mask_targets(samples))
+
+    def _labels(self, features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        colour, shape = self.linear(features).split([len(COLOURS), len(SHAPES)], dim=-1)
+        return F.cross_entropy(colour, targets[:, 0]) + F.cross_entropy(shape, targets[:, 1])
+
+
+def curriculum(steps: int, start: float = 0.1, floor: float = 0.1):
+    """The share of easy batches at step i: all of them for the first `start` of the steps, then
+    falling to `floor` over as many steps again."""
+    ramp = max(1, int(start * steps))
+    return lambda i: 1.0 if i < ramp else max(floor, 1.0 - (i - ramp) / ramp)
+
+
+def pretrain_vision(model, probe, encoder, steps: int, batch_size: int, lr: float, seed: int, log,
+                    log_every: int = 10) -> None:
+    """Stage 1: the vision tower alone learns colour and shape through the probe, on large batches (a
+    step costs a fifth of a full one), easy shapes first."""
+    tower = model.model.visual
+    params = list(tower.parameters()) + list(probe.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.01)
+    stream = batches(seed + 7, batch_size, easy_share=curriculum(steps))
+    start, running = time.time(), 0.0
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, steps, lr, warmup=max(1, steps // 20))
+        samples = [s for s, *_ in next(stream)]
+        pixel_values, grids = encoder.pixels([s.image for s in samples], fast=True)
+        loss = probe.loss(tower(pixel_values, grid_thw=grids).pooler_output, grids, samples)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        running += loss.item()
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            rec = {"stage": "vision", "step": step + 1, "probe_loss": round(running / log_every, 5),
+                   "lr": round(opt.param_groups[0]["lr"], 6), "elapsed": round(time.time() - start, 1)}
+            log.write(json.dumps(rec) + "\n")
+            if (step + 1) % (log_every * 50) == 0 or step + 1 == steps:
+                print(json.dumps(rec), flush=True)
+            running = 0.0
 
 
 def train(out: pathlib.Path, steps: int, seed: int, batch_size: int, lr: float, eval_images: int,
-          aux_weight: float = 1.0, log_every: int = 10) -> dict:
+          aux_weight: float = 1.0, log_every: int = 10, vision_steps: int = 0, vision_batch_size: int = 64) -> dict:
     torch.set_num_threads(2)
     torch.manual_seed(seed)
     start = time.time()
@@ -196,28 +299,38 @@ def train(out: pathlib.Path, steps: int, seed: int, batch_size: int, lr: float, 
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{n_params / 1e6:.2f}M parameters; {steps} steps of {batch_size}", flush=True)
 
-    probe = VisionProbe(config.vision_config.hidden_size)
+    vision = config.vision_config
+    probe = VisionProbe(vision.hidden_size, vision.spatial_merge_size * vision.patch_size // MASK_SCALE)
     merged = {}
     model.model.visual.register_forward_hook(lambda _m, _i, o: merged.__setitem__("out", o.pooler_output))
     named = list(model.named_parameters()) + list(probe.named_parameters(prefix="probe"))
-    decay = [p for n, p in named if p.ndim >= 2 and "embed" not in n]
-    other = [p for n, p in named if not (p.ndim >= 2 and "embed" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": other, "weight_decay": 0.0}],
-                            lr=lr, betas=(0.9, 0.98), eps=1e-8)
+    # After stage 1 the tower trains on at a fraction of the rate, so the decoder learns to read
+    # what it sees instead of the tower relearning it from a cold decoder's gradient.
+    tower_scale = VISION_LR_SCALE if vision_steps else 1.0
+    groups = []
+    for in_tower in (False, True):
+        for decays in (True, False):
+            params = [p for n, p in named if n.startswith("model.visual.") == in_tower
+                      and (p.ndim >= 2 and "embed" not in n) == decays]
+            groups.append({"params": params, "weight_decay": 0.01 if decays else 0.0,
+                           "scale": tower_scale if in_tower else 1.0})
+    opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-8)
     stream = batches(seed, batch_size)
     form_rng = random.Random(seed + 1)  # its own stream: the images do not depend on the forms
     out.mkdir(parents=True, exist_ok=True)
     log = (out / "train_log.jsonl").open("w")
     model.train()
+    if vision_steps:
+        pretrain_vision(model, probe, encoder, vision_steps, vision_batch_size, lr, seed, log, log_every)
     running, running_aux, seen = 0.0, 0.0, 0
     for step in range(steps):
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, steps, lr, warmup=max(1, steps // 20))
+            group["lr"] = lr_at(step, steps, lr, warmup=max(1, steps // 20)) * group["scale"]
         qa = next(stream)
         forms = [(form_rng.choices(FORMS, weights=FORM_WEIGHTS)[0], kind) for _, kind, _, _ in qa]
-        batch = encoder.batch([(s.image, question, answer) for s, _, question, answer in qa], forms)
-        loss = model(**batch).loss
-        aux = probe.loss(merged["out"], batch["image_grid_thw"], [s for s, *_ in qa])
+        batch = encoder.batch([(s.image, question, answer) for s, _, question, answer in qa], forms, fast=True)
+        loss = answer_loss(model, batch)
+        aux = probe.loss(merged["out"], batch["image_grid_thw"], [s for s, *_ in qa], every_token=True)
         opt.zero_grad(set_to_none=True)
         (loss + aux_weight * aux).backward()
         torch.nn.utils.clip_grad_norm_([p for _, p in named], 1.0)
@@ -239,7 +352,8 @@ def train(out: pathlib.Path, steps: int, seed: int, batch_size: int, lr: float, 
     write_checkpoint(out, model, tokenizer, image_processor, RECIPE_VERSION)
     metrics = evaluate(model, encoder, seed=seed + 1_000_003, n_images=eval_images)
     metrics.update(
-        train_seed=seed, steps=steps, batch_size=batch_size, peak_lr=lr, aux_weight=aux_weight, parameters=n_params,
+        train_seed=seed, steps=steps, batch_size=batch_size, vision_steps=vision_steps,
+        vision_batch_size=vision_batch_size, peak_lr=lr, aux_weight=aux_weight, parameters=n_params,
         train_seconds=round(train_seconds, 1), total_seconds=round(time.time() - start, 1),
         checkpoint_bytes=sum(f.stat().st_size for f in out.iterdir() if f.is_file()),
     )
@@ -250,14 +364,17 @@ def train(out: pathlib.Path, steps: int, seed: int, batch_size: int, lr: float, 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("models/tiny-qwen2-vl-trained"))
-    parser.add_argument("--steps", type=int, default=3600)
+    parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--eval-images", type=int, default=200)
     parser.add_argument("--aux-weight", type=float, default=1.0, help="weight of the training-only vision probe loss")
+    parser.add_argument("--vision-steps", type=int, default=10000, help="stage 1: vision tower and probe alone")
+    parser.add_argument("--vision-batch-size", type=int, default=64)
     args = parser.parse_args()
-    metrics = train(args.out, args.steps, args.seed, args.batch_size, args.lr, args.eval_images, args.aux_weight)
+    metrics = train(args.out, args.steps, args.seed, args.batch_size, args.lr, args.eval_images, args.aux_weight,
+                    vision_steps=args.vision_steps, vision_batch_size=args.vision_batch_size)
     print(json.dumps(metrics, indent=2))
 
 
