@@ -35,16 +35,12 @@ class Drawn:
     scale: float
 
 
-def _distance(a, b) -> float:
-    return math.dist(a, b)
-
-
 def _background_colour(rng: random.Random, avoid: tuple[int, int, int]) -> tuple[int, int, int]:
     """Any hue, any moderate saturation and value, at least 120 RGB units from the shape's colour."""
     while True:
         h, s, v = rng.random(), rng.uniform(0.0, 0.7), rng.uniform(0.25, 0.85)
         rgb = tuple(round(c * 255) for c in colorsys.hsv_to_rgb(h, s, v))
-        if _distance(rgb, avoid) >= 120:
+        if math.dist(rgb, avoid) >= 120:
             return rgb
 
 

@@ -112,8 +112,8 @@ class Encoder:
 
 def patchify(images, processor) -> tuple[torch.Tensor, torch.Tensor]:
     """What Qwen2-VL's image processor returns for same-size images it does not resize (sides that are
-    multiples of patch x merge, within its pixel bounds), in one tensor pass: a sixth of a training
-    step's time otherwise. tests/test_train.py holds it to the processor's output."""
+    multiples of patch x merge, within its pixel bounds), in one tensor pass: the processor took nearly a
+    third of a vision-stage step. tests/test_train.py holds it to the processor's output."""
     p, m, t = processor.patch_size, processor.merge_size, processor.temporal_patch_size
     x = torch.from_numpy(np.stack([np.asarray(im.convert("RGB")) for im in images])).to(torch.float32)
     mean, std = torch.tensor(processor.image_mean), torch.tensor(processor.image_std)
@@ -129,7 +129,7 @@ def patchify(images, processor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def answer_loss(model, batch) -> torch.Tensor:
     """The causal-LM loss on the labelled positions, with the vocabulary projection run only there
-    (the answer is a few tokens of a ~50-token prompt; the full logits cost a third of a step)."""
+    (the answer is a few tokens of a 45-200-token prompt)."""
     labels = batch["labels"]
     hidden = model.model(**{k: v for k, v in batch.items() if k != "labels"}).last_hidden_state
     keep = labels[:, 1:] != -100  # the state at t predicts the token at t+1
