@@ -50,7 +50,7 @@ ANSWER_WORDS = [*COLOURS, *SHAPES]
 # a curve or a spike in each of them, which a tiny ViT learns in minutes; the same shape
 # drawn 112 pixels wide is mostly flat interior per patch and takes far longer to learn.
 SIZES: dict[tuple[int, int], float] = {(56, 56): 0.5, (56, 84): 0.25, (84, 56): 0.25}
-# The shape's radius as a fraction of the image's shorter side: from a fifth of it to all of it,
+# The shape's radius as a fraction of the image's shorter side (its width is 56-100% of that side),
 # so the model reads a shape at any size a person would draw it, not at one scale.
 RADIUS = (0.28, 0.5)
 # A cross's arms reach this share of the radius: a plus sign drawn edge to edge, or a compact one.
@@ -143,7 +143,7 @@ def _background(rng: random.Random, w: int, h: int, avoid: tuple[int, int, int],
                                      (px + ux * far - uy * far, py + uy * far + ux * far),
                                      (px - ux * far - uy * far, py - uy * far + ux * far)], fill=c1)
     if rng.random() < 0.4:  # mild noise, seeded through the same generator
-        noise = Image.frombytes("L", (w, h), bytes(rng.getrandbits(8) for _ in range(w * h)))
+        noise = Image.frombytes("L", (w, h), rng.randbytes(w * h))
         img = Image.blend(img, Image.merge("RGB", (noise, noise, noise)), rng.uniform(0.03, 0.10))
     return img
 

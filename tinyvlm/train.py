@@ -34,11 +34,13 @@ from tinyvlm.build import VOCAB_SIZE, build_config, build_image_processor, write
 from tinyvlm.data import ANSWER_WORDS, COLOURS, MASK_SCALE, QUESTIONS, SHAPES, batches, held_out
 from tinyvlm.tokenizer import build_tokenizer
 
-RECIPE_VERSION = "qwen2-vl-shapes-3"
+RECIPE_VERSION = "qwen2-vl-shapes-4"
 SYSTEM_PREFIX = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
 ASSISTANT_PREFIX = "<|im_end|>\n<|im_start|>assistant\n"
 FORMS, FORM_WEIGHTS = ("word", "json", "tool"), (0.8, 0.1, 0.1)  # how training answers are written
-VISION_LR_SCALE = 0.2
+# The tower's learning rate in stage 2, against the decoder's. With every token read in stage 1, a run at 0.2
+# never learned to answer colour (13%); at 0.5 it did, about 1,400 steps in.
+VISION_LR_SCALE = 0.5
 MASK_WEIGHT = 4.0  # the coverage-mask loss against the label loss, in VisionProbe
 GAP = 0.5  # a top-1/top-2 logprob gap below this is a near-tie an engine could flip
 
@@ -213,6 +215,9 @@ class VisionProbe(torch.nn.Module):
 
     - a linear read of colour and shape from the tokens max-pooled: max pooling sends the gradient
       to the token that sees the shape best, wherever it sits, far faster than a mean does;
+    - the same read from each token alone, so that every token carries the shape's colour and kind, not
+      just the one max pooling picks: the decoder's attention averages tokens, and a background token would
+      otherwise pull the answer towards its own hue (one run without it never learned colour: 52%);
     - each token's own patch of the shape's coverage mask (a 4-pixel grid): a dense, colour-blind
       signal of where the outline runs, which teaches arms, points and corners sooner than the
       one label per image does (star and cross are the pair the label alone leaves confused)."""
@@ -232,16 +237,11 @@ class VisionProbe(torch.nn.Module):
             out.append(m.reshape(h // c, c, w // c, c).permute(0, 2, 1, 3).reshape(-1, c * c))
         return torch.cat(out)
 
-    def loss(self, merged: torch.Tensor, grids: torch.Tensor, samples, every_token: bool = False) -> torch.Tensor:
-        """`every_token` adds the same read from each token alone, so that every token carries the
-        shape's colour and kind, not just the one max pooling picks: the decoder's attention averages
-        tokens, and a background token's colour would otherwise pull the answer towards its own."""
+    def loss(self, merged: torch.Tensor, grids: torch.Tensor, samples) -> torch.Tensor:
         counts = (grids.prod(-1) // 4).tolist()
         per_image = torch.stack([t.max(0).values for t in merged.split(counts)])
         targets = torch.tensor([(list(COLOURS).index(s.colour), SHAPES.index(s.shape)) for s in samples])
-        loss = self._labels(per_image, targets)
-        if every_token:
-            loss = loss + self._labels(merged, targets.repeat_interleave(torch.tensor(counts), dim=0))
+        loss = self._labels(per_image, targets) + self._labels(merged, targets.repeat_interleave(torch.tensor(counts), dim=0))
         return loss + self.mask_weight * F.binary_cross_entropy_with_logits(self.mask(merged), self.mask_targets(samples))
 
     def _labels(self, features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -259,7 +259,9 @@ def curriculum(steps: int, start: float = 0.1, floor: float = 0.1):
 def pretrain_vision(model, probe, encoder, steps: int, batch_size: int, lr: float, seed: int, log,
                     log_every: int = 10) -> None:
     """Stage 1: the vision tower alone learns colour and shape through the probe, on large batches (a
-    step costs a fifth of a full one), easy shapes first."""
+    step costs a fifth of a full one), easy shapes first. Each token is read alone as well as max-pooled: the
+    decoder reads the tokens through attention, close to a weighted mean. In 3,000-step trials, a linear read of
+    the tokens' mean found the shape in 59% of images after max pooling alone, in 82% with every token read."""
     tower = model.model.visual
     params = list(tower.parameters()) + list(probe.parameters())
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.01)
@@ -330,7 +332,7 @@ def train(out: pathlib.Path, steps: int, seed: int, batch_size: int, lr: float, 
         forms = [(form_rng.choices(FORMS, weights=FORM_WEIGHTS)[0], kind) for _, kind, _, _ in qa]
         batch = encoder.batch([(s.image, question, answer) for s, _, question, answer in qa], forms, fast=True)
         loss = answer_loss(model, batch)
-        aux = probe.loss(merged["out"], batch["image_grid_thw"], [s for s, *_ in qa], every_token=True)
+        aux = probe.loss(merged["out"], batch["image_grid_thw"], [s for s, *_ in qa])
         opt.zero_grad(set_to_none=True)
         (loss + aux_weight * aux).backward()
         torch.nn.utils.clip_grad_norm_([p for _, p in named], 1.0)
