@@ -317,8 +317,8 @@ def train(out: pathlib.Path, steps: int, seed: int, batch_size: int, lr: float, 
             groups.append({"params": params, "weight_decay": 0.01 if decays else 0.0,
                            "scale": tower_scale if in_tower else 1.0})
     opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-8)
-    # Easy images first here too: on grey, the image tokens' mean carries the shape's colour cleanly. Without
-    # it, a 2-thread rerun of the same recipe never told yellow from orange (colour 70%); see the README.
+    # Easy images first here too: on grey, the image tokens' mean carries the shape's colour cleanly. Not shown
+    # to make colour learning reliable (README, "The tiny model"); check metrics.json after a rerun.
     stream = batches(seed, batch_size, easy_share=curriculum(steps))
     form_rng = random.Random(seed + 1)  # its own stream: the images do not depend on the forms
     out.mkdir(parents=True, exist_ok=True)
