@@ -44,7 +44,7 @@ models/tiny-qwen3-vl/RECIPE: tinyvlm/build.py tinyvlm/tokenizer.py | setup
 	$(PY) -m tinyvlm.build --family qwen3_vl
 
 # Retrain the committed checkpoint (15–30 minutes on 2 CPU cores); writes train_log.jsonl and metrics.json;
-# check its colour and shape there: not every run learns colour (README, "The tiny model").
+# fails if a held-out question stays under 90%: not every run learns colour (README, "The tiny model").
 shapes-model: setup
 	$(PY) -m tinyvlm.train --out models/tiny-qwen2-vl-shapes
 
