@@ -34,9 +34,9 @@ QUESTIONS: dict[str, str] = {
     "colour": "What colour is the shape?",
     "shape": "What shape is it?",
 }
-# Colour is asked a quarter of the time. Colour asked as often as shape was learned sooner in one trial (README,
-# "The tiny model"); not yet adopted, as it changes the committed weights.
-QUESTION_WEIGHTS = {"colour": 1.0, "shape": 3.0}
+# Colour and shape are asked equally often. Asked a quarter of the time, colour was sometimes never learned in
+# stage 2, or only after ~1,300 steps (README, "The tiny model").
+QUESTION_WEIGHTS = {"colour": 1.0, "shape": 1.0}
 # Filler prose that may sit between the image and the question (a fifth of training
 # batches carry 1-8 sentences of it, up to ~180 tokens), so the model reads past text to the question and a
 # test can put the image inside full 128-token KV blocks without leaving what it learned.

@@ -34,7 +34,7 @@ from tinyvlm.build import VOCAB_SIZE, build_config, build_image_processor, write
 from tinyvlm.data import ANSWER_WORDS, COLOURS, MASK_SCALE, QUESTIONS, SHAPES, batches, held_out
 from tinyvlm.tokenizer import build_tokenizer
 
-RECIPE_VERSION = "qwen2-vl-shapes-5"
+RECIPE_VERSION = "qwen2-vl-shapes-6"
 SYSTEM_PREFIX = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
 ASSISTANT_PREFIX = "<|im_end|>\n<|im_start|>assistant\n"
 FORMS, FORM_WEIGHTS = ("word", "json", "tool"), (0.8, 0.1, 0.1)  # how training answers are written
