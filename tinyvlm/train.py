@@ -44,7 +44,7 @@ VISION_LR_SCALE = 0.5
 MASK_WEIGHT = 4.0  # the coverage-mask loss against the label loss, in VisionProbe
 GAP = 0.5  # a top-1/top-2 logprob gap below this is a near-tie an engine could flip
 # Held-out accuracy under this means the run did not learn a question (runs that miss colour read 14-70% of it;
-# the committed one reads 95-100% of both on its 200 held-out images): the command then fails.
+# the committed one reads 96.5-99.5% of both on its 200 held-out images): the command then fails.
 LEARNED = 0.9
 
 # Decoder stays at build.py's shape (head_dim 64 for vLLM's CPU attention); the vision
