@@ -170,10 +170,10 @@ def _linear_patch_embed(self, hidden_states):
 def _tiled_position_ids(grid_thw, spatial_merge_size, *args, **kwargs):
     """get_vision_position_ids for a batch of same-size images: one image's ids, tiled (the stock one
     builds them image by image: about a tenth of a vision-stage step)."""
+    stock = _STOCK[modeling_qwen2_vl, "get_vision_position_ids"]
     if len(grid_thw) > 1 and bool((grid_thw == grid_thw[0]).all()):
-        one = _STOCK[modeling_qwen2_vl, "get_vision_position_ids"](grid_thw[:1], spatial_merge_size, *args, **kwargs)
-        return one.repeat(len(grid_thw), 1)
-    return _STOCK[modeling_qwen2_vl, "get_vision_position_ids"](grid_thw, spatial_merge_size, *args, **kwargs)
+        return stock(grid_thw[:1], spatial_merge_size, *args, **kwargs).repeat(len(grid_thw), 1)
+    return stock(grid_thw, spatial_merge_size, *args, **kwargs)
 
 
 _PATCHED = {(modeling_qwen2_vl.VisionAttention, "forward"): _equal_length_vision_attention,
@@ -379,11 +379,11 @@ def train(out: pathlib.Path, steps: int, seed: int, batch_size: int, lr: float, 
             groups.append({"params": params, "weight_decay": 0.01 if decays else 0.0,
                            "scale": tower_scale if in_tower else 1.0})
     opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-8)
-    # Easy images first here too: on grey, the image tokens' mean carries the shape's colour cleanly. Not shown
-    # to make colour learning reliable (README, "The tiny model"); check metrics.json after a rerun.
 
     def items():
         form_rng = random.Random(seed + 1)  # its own stream: the images do not depend on the forms
+        # Easy images first here too: on grey, the image tokens' mean carries the shape's colour cleanly. Not shown
+        # to make colour learning reliable (README, "The tiny model"); check metrics.json after a rerun.
         for qa in batches(seed, batch_size, easy_share=curriculum(steps)):
             forms = [(form_rng.choices(FORMS, weights=FORM_WEIGHTS)[0], kind) for _, kind, _, _ in qa]
             batch = encoder.batch([(s.image, question, answer) for s, _, question, answer in qa], forms, fast=True)
