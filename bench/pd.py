@@ -22,7 +22,7 @@ import tempfile
 import time
 import urllib.request
 
-from bench.replicas import free_port, launch_gateway, noise_image, smg_executable, start_replicas
+from bench.replicas import SMG_PD_WEDGE, free_port, launch_gateway, noise_image, smg_executable, start_replicas
 
 ROLES = ("kv_producer", "kv_consumer")
 
@@ -77,12 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--image-size", type=int, default=0, help="each chat starts with its own image of this size")
-    # SMG fails a streamed decode leg silent for --worker-wedge-secs (3 s by default). On 2 cores shared with two
-    # NIXL progress threads, NIXL's first transfer (its handshake) can take longer than that.
     parser.add_argument("--smg-flag", action="append", default=None,
-                        help="passed to every `smg launch` (repeatable; default --worker-wedge-secs=30)")
+                        help=f"passed to every `smg launch` (repeatable; default {' '.join(SMG_PD_WEDGE)})")
     args = parser.parse_args(argv)
-    args.smg_flag = args.smg_flag if args.smg_flag is not None else ["--worker-wedge-secs=30"]
+    args.smg_flag = args.smg_flag if args.smg_flag is not None else list(SMG_PD_WEDGE)
     if smg_executable() is None:
         sys.exit("the SMG gateway is not installed (pip install smg)")
     words = ["red", "blue", "shape", "corner", "light", "edge", "pattern", "noise", "left", "right", "sky", "rain"]

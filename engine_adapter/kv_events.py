@@ -186,18 +186,22 @@ class KvEventRelay:
                 self._subscribers.discard(queue)
                 self._lagging.add(queue)
 
-    async def subscribe(self, start: int) -> AsyncIterator[KvBatch]:
-        """Batches after `start` (0: from now on), then live ones. A cursor the history no longer reaches
-        back to, or one ahead of the publisher, is EngineCursorError: the subscriber starts over from 0."""
-        queue: asyncio.Queue = asyncio.Queue(maxsize=self._history.maxlen)
-        backlog: list[KvBatch] = []
+    def subscribe(self, start: int) -> AsyncIterator[KvBatch]:
+        """Batches after `start` (0: from the first read on), then live ones. A cursor the history no longer
+        reaches back to, or one ahead of the publisher, is EngineCursorError, raised here rather than at the
+        first read, so a caller can refuse it before answering: the subscriber starts over from 0."""
         if start:
             known = [b.sequence for b in self._history if b.rank == 0]
             if not known or not known[0] - 1 <= start <= known[-1]:
                 raise EngineCursorError(
                     f"start_sequence_number: {start} is outside the relay's history "
                     f"({f'{known[0]}-{known[-1]}' if known else 'empty'}); resubscribe from 0")
-            backlog = [b for b in self._history if b.rank != 0 or b.sequence > start]
+        return self._stream(start)
+
+    async def _stream(self, start: int) -> AsyncIterator[KvBatch]:
+        # Joins the fan-out at the first read, so a stream never read holds no queue.
+        queue: asyncio.Queue = asyncio.Queue(maxsize=self._history.maxlen)
+        backlog = [b for b in self._history if b.rank != 0 or b.sequence > start] if start else []
         self._subscribers.add(queue)
         try:
             for batch in backlog:

@@ -194,7 +194,11 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
             raise Unimplemented("KV cache events are off: start the engine with --kv-events-config "
                                 "'{\"enable_kv_cache_events\": true, \"publisher\": \"zmq\"}'")
         event_ids = itertools.count(1).__next__
-        async for batch in self.engine.kv_events(request.start_sequence_number):
+        batches = self.engine.kv_events(request.start_sequence_number)  # a bad cursor fails before the headers
+        # Headers now, not with the first batch: SMG takes a subscription that stays silent for 2 s for an
+        # unreachable worker and stops routing to it, and an idle engine publishes nothing.
+        await context.send_initial_metadata(())
+        async for batch in batches:
             yield kv_event_batch(batch, self.media_tokens, event_ids)
 
     @contextlib.contextmanager

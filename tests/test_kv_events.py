@@ -5,6 +5,7 @@ sockets) relayed in SMG's form, on the real engine.
   hash, vLLM's block size, on the device tier, under the publisher's consecutive sequence numbers;
 - an image's blocks carry the ids the caller sent (not the engine's pad values) and name the image by its
   identity and offset; two different images with the same ids give different block hashes;
+- the stream answers (its headers) as it opens, before any batch: SMG never takes us for unreachable;
 - FlushCache arrives as `cleared`; a reconnecting subscriber resumes from its cursor; a cursor the relay
   never reached is OUT_OF_RANGE; an engine without --kv-events-config is UNIMPLEMENTED naming the flag.
 """
@@ -14,6 +15,7 @@ import asyncio
 import grpc
 import pytest
 
+from bench.replicas import metric
 from tests.fixtures import image, mm_inputs, request
 from tests.test_gateway import _chat_body, gateway  # noqa: F401 (gateway: a fixture)
 from vlm_proto import common_pb2, vllm_engine_pb2 as pb
@@ -60,6 +62,17 @@ async def _run(stub, ids, mm=None):
     identities = dict(await call.initial_metadata()).get("vlm-mm-identities")
     [done] = [r.complete async for r in call]
     return done, identities
+
+
+async def test_the_stream_answers_at_once_on_an_idle_engine(stub):
+    """SMG waits 2 s for a subscription's answer and takes silence for an unreachable worker. An idle engine
+    publishes nothing, so the headers come when the stream opens, before any batch."""
+    sub = Subscription(stub)
+    try:
+        await asyncio.wait_for(sub.call.initial_metadata(), WAIT_S)  # before this fix: only with a first batch
+        assert sub.batches == []
+    finally:
+        sub.close()
 
 
 async def test_text_blocks_arrive_as_stored_events_with_their_ids(stub, engine):
@@ -151,6 +164,8 @@ async def test_smg_subscribes_and_indexes_our_blocks(gateway, oracle):
             await asyncio.sleep(0.2)
         assert gateway.metric("smg_kv_event_subscriptions_total") >= 1 and gateway.metric("smg_kv_index_blocks") > 0
         assert gateway.metric("smg_kv_event_stream_errors_total") == 0 and gateway.metric("smg_kv_events_unavailable") == 0
+        # Our stream answers as it opens, so SMG never took our worker for unreachable.
+        assert metric(gateway.metrics_url, "smg_worker_stall_transitions_total", 'reason="unreachable"') == 0
 
 
 def test_hashes_keep_their_64_bits_and_unreadable_events_are_left_out():

@@ -17,7 +17,8 @@ import json
 import grpc
 import pytest
 
-from bench.replicas import free_port, http, launch_gateway, metric, noise_image, smg_executable, start_replicas
+from bench.replicas import (SMG_PD_WEDGE, free_port, http, launch_gateway, metric, noise_image, smg_executable,
+                            start_replicas)
 from tests.fixtures import image, reference_inputs, request
 from vlm_proto import vllm_engine_pb2_grpc as pb_grpc
 
@@ -58,7 +59,7 @@ def pd_pair(tmp_path_factory):
     pair = start_replicas(2, workdir, configure)
     gateways = []
     try:  # every process started here stops, even when a later one fails to start
-        gateways.append(launch_gateway(pair, "", workdir / "smg-pd.log", pd=True))
+        gateways.append(launch_gateway(pair, "", workdir / "smg-pd.log", *SMG_PD_WEDGE, pd=True))
         gateways.append(launch_gateway([pair[1]], "round_robin", workdir / "smg-one.log"))
         yield pair, gateways
     finally:
