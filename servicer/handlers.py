@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 import grpc
 import numpy as np
 
-from engine_adapter.types import EngineClient
+from engine_adapter.types import EngineClient, RankLoad
 from servicer.config import ServerConfig
 from servicer.errors import (
     FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable, Unimplemented, status_for,
@@ -29,6 +29,7 @@ from servicer.errors import (
 from servicer import shm, tokenizer_bundle
 from servicer.image_store import ImageStore
 from servicer.kv_events import MediaTokens, kv_event_batch
+from servicer.load_records import LoadRecords, with_load_records
 from servicer.shm import ConsumedSegments
 from servicer.metrics import Metrics
 from servicer.multimodal import ImagePolicy, media_identity
@@ -194,12 +195,38 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
             raise Unimplemented("KV cache events are off: start the engine with --kv-events-config "
                                 "'{\"enable_kv_cache_events\": true, \"publisher\": \"zmq\"}'")
         event_ids = itertools.count(1).__next__
-        batches = self.engine.kv_events(request.start_sequence_number)  # a bad cursor fails before the headers
+        events = self.engine.kv_events(request.start_sequence_number)  # a bad cursor fails before the headers
         # Headers now, not with the first batch: SMG takes a subscription that stays silent for 2 s for an
         # unreachable worker and stops routing to it, and an idle engine publishes nothing.
         await context.send_initial_metadata(())
-        async for batch in batches:
-            yield kv_event_batch(batch, self.media_tokens, event_ids)
+        records = LoadRecords(self._load_record, request.load_records_before_first_batch)
+        async with contextlib.aclosing(events):
+            batches = (kv_event_batch(batch, self.media_tokens, event_ids) async for batch in events)
+            async with contextlib.aclosing(with_load_records(batches, records)) as stream:
+                async for batch in stream:
+                    yield batch
+
+    def _queues(self, load: RankLoad) -> tuple[int, int]:
+        """(running, waiting) of a rank. Figures are recorded after each engine step; once nothing is
+        unfinished the last step's are stale."""
+        busy = self.engine.num_unfinished_requests() > 0
+        return (load.num_running, load.num_waiting) if busy else (0, 0)
+
+    def _load_record(self, rank: int | None) -> common_pb2.EngineLoad | None:
+        """A rank's load as GetLoads reports it (rank 0 for None), for the KV-event stream."""
+        ranks = self.engine.stats.ranks
+        if (load := ranks.get(rank or 0)) is None:
+            return None
+        running, waiting = self._queues(load)
+        record = common_pb2.EngineLoad(
+            running_requests=running, waiting_requests=waiting, token_usage=load.kv_cache_usage,
+            max_running_requests=self.engine.info.max_num_seqs, cache_hit_rate=self.engine.stats.prefix_cache_hit_rate)
+        if len(ranks) == 1:  # requests are not attributed to data-parallel ranks here
+            # Prefill work in hand: prompts handed to the engine without output yet (a non-streamed
+            # request's only output is its last).
+            record.prefill_pending_tokens = sum(s.prompt_tokens for s in self.in_flight.values()
+                                                if s.first_response is None)
+        return record
 
     @contextlib.contextmanager
     def _tracked(self, state: InFlight, context: grpc.aio.ServicerContext):
@@ -350,17 +377,15 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
         ranks = self.engine.stats.ranks
         if request.HasField("dp_rank") and request.dp_rank not in ranks:
             raise InvalidArgument(f"dp_rank: {request.dp_rank} is not one of the engine's ranks {sorted(ranks)}")
-        # Figures are recorded after each engine step; once nothing is unfinished the last step's are stale.
-        busy = self.engine.num_unfinished_requests() > 0
-        loads = [pb.SchedulerLoad(
-            dp_rank=rank,
-            num_running_reqs=load.num_running if busy else 0,
-            num_waiting_reqs=load.num_waiting if busy else 0,
-            num_total_reqs=load.num_running + load.num_waiting if busy else 0,
-            token_usage=load.kv_cache_usage,
-            cache_hit_rate=self.engine.stats.prefix_cache_hit_rate,
-            max_running_requests=self.engine.info.max_num_seqs,
-        ) for rank, load in sorted(ranks.items()) if not request.HasField("dp_rank") or rank == request.dp_rank]
+        loads = []
+        for rank, load in sorted(ranks.items()):
+            if request.HasField("dp_rank") and rank != request.dp_rank:
+                continue
+            running, waiting = self._queues(load)
+            loads.append(pb.SchedulerLoad(
+                dp_rank=rank, num_running_reqs=running, num_waiting_reqs=waiting, num_total_reqs=running + waiting,
+                token_usage=load.kv_cache_usage, cache_hit_rate=self.engine.stats.prefix_cache_hit_rate,
+                max_running_requests=self.engine.info.max_num_seqs))
         return pb.GetLoadsResponse(timestamp=datetime.now(timezone.utc).isoformat(), version=self.engine.version,
                                    dp_rank_count=len(loads), loads=loads)
 

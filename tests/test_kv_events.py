@@ -6,6 +6,8 @@ sockets) relayed in SMG's form, on the real engine.
 - an image's blocks carry the ids the caller sent (not the engine's pad values) and name the image by its
   identity and offset; two different images with the same ids give different block hashes;
 - the stream answers (its headers) as it opens, before any batch: SMG never takes us for unreachable;
+- load records: load_only batches numbered 0 before the first batch, then the load on every batch; SMG reads
+  them in place of polling GetLoads;
 - FlushCache arrives as `cleared`; a reconnecting subscriber resumes from its cursor; a cursor the relay
   never reached is OUT_OF_RANGE; an engine without --kv-events-config is UNIMPLEMENTED naming the flag.
 """
@@ -47,6 +49,11 @@ class Subscription:
         self.call.cancel()
 
 
+def _events_only(batches: list[common_pb2.KvEventBatch]) -> list[common_pb2.KvEventBatch]:
+    """The publisher's batches, without the load_only ones (which repeat the last number, or 0 before any)."""
+    return [b for b in batches if not b.load.load_only]
+
+
 def _stored_with(token_ids: list[int]):
     """A finder: the first stored event whose first block's tokens start the given ids."""
     def found(batch):
@@ -75,6 +82,26 @@ async def test_the_stream_answers_at_once_on_an_idle_engine(stub):
         sub.close()
 
 
+async def test_load_records_ride_the_stream_from_its_start(stub, engine):
+    """SMG asks for load records before the first batch: an idle engine's stream sends load_only batches
+    numbered 0; then each event batch carries the engine's load (the routing core), numbered on."""
+    sub = Subscription(stub)
+    try:
+        beat = await sub.until(lambda b: b if b.load.load_only else None)
+        assert beat.sequence_number == 0 and not beat.events
+        assert beat.load.running_requests == 0 and beat.load.prefill_pending_tokens == 0
+        assert beat.load.max_running_requests == engine.info.max_num_seqs and beat.load.HasField("cache_hit_rate")
+        ids = [(5 * i + 9) % 900 + 20 for i in range(engine.info.block_size + 1)]
+        await _run(stub, ids)
+        await sub.until(_stored_with(ids))
+        batch = sub.batches[-1]
+        assert batch.HasField("load") and not batch.load.load_only and batch.load.sample > beat.load.sample
+        samples = [b.load.sample for b in sub.batches]
+        assert samples == sorted(set(samples)), "one increasing sample number per record"
+    finally:
+        sub.close()
+
+
 async def test_text_blocks_arrive_as_stored_events_with_their_ids(stub, engine):
     size = engine.info.block_size
     ids = [(7 * i + 3) % 900 + 20 for i in range(2 * size + 17)]  # two full blocks and a partial one
@@ -90,7 +117,7 @@ async def test_text_blocks_arrive_as_stored_events_with_their_ids(stub, engine):
     assert len({b.block_hash for b in stored.blocks}) == 2
     batch = sub.batches[-1]
     assert batch.dp_rank == 0 and batch.timestamp > 0
-    seqs = [b.sequence_number for b in sub.batches]
+    seqs = [b.sequence_number for b in _events_only(sub.batches)]
     assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), "the publisher's own consecutive numbers"
 
 
@@ -122,7 +149,7 @@ async def test_flush_is_cleared_and_a_subscriber_resumes_from_its_cursor(stub, e
         ids = [(11 * i + 5) % 900 + 20 for i in range(size + 3)]
         await _run(stub, ids)
         await sub.until(_stored_with(ids))
-        cursor = sub.batches[-1].sequence_number
+        cursor = _events_only(sub.batches)[-1].sequence_number
         later = [(13 * i + 1) % 900 + 20 for i in range(size + 3)]
         await _run(stub, later)
         await sub.until(_stored_with(later))
@@ -134,10 +161,10 @@ async def test_flush_is_cleared_and_a_subscriber_resumes_from_its_cursor(stub, e
     resumed = Subscription(stub, start=cursor)
     try:
         await resumed.until(_stored_with(later))
-        assert resumed.batches[0].sequence_number == cursor + 1
+        assert _events_only(resumed.batches)[0].sequence_number == cursor + 1
     finally:
         resumed.close()
-    ahead = Subscription(stub, start=sub.batches[-1].sequence_number + 1000)
+    ahead = Subscription(stub, start=_events_only(sub.batches)[-1].sequence_number + 1000)
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await ahead.until(lambda b: True)
     assert err.value.code() == grpc.StatusCode.OUT_OF_RANGE and "start_sequence_number" in err.value.details()
@@ -166,6 +193,10 @@ async def test_smg_subscribes_and_indexes_our_blocks(gateway, oracle):
         assert gateway.metric("smg_kv_event_stream_errors_total") == 0 and gateway.metric("smg_kv_events_unavailable") == 0
         # Our stream answers as it opens, so SMG never took our worker for unreachable.
         assert metric(gateway.metrics_url, "smg_worker_stall_transitions_total", 'reason="unreachable"') == 0
+        # SMG reads the load our stream pushes: its load monitor skips the GetLoads poll (one tick every 10 s).
+        while metric(gateway.metrics_url, "smg_engine_load_polls_total", 'mode="skipped_fresh_push"') == 0:
+            assert asyncio.get_running_loop().time() < deadline + 30, "SMG kept polling GetLoads"
+            await asyncio.sleep(0.5)
 
 
 def test_hashes_keep_their_64_bits_and_unreadable_events_are_left_out():
