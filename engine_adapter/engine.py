@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 
 import vllm
 from vllm import PoolingParams, SamplingParams
@@ -238,7 +238,7 @@ class Engine:
         if self.info.kv_events and self._kv_relay is None:
             self._kv_relay = KvEventRelay(self._llm.get_kv_event_sources())
 
-    def kv_events(self, start: int) -> AsyncIterator[KvBatch]:
+    def kv_events(self, start: int) -> AsyncGenerator[KvBatch, None]:
         """The engine's KV-cache events after `start` (0: from now on), every data-parallel rank's."""
         if self._kv_relay is None:
             raise EngineStateError("KV events are not relayed: no --kv-events-config, or start_kv_events() not called")

@@ -12,7 +12,7 @@ import asyncio
 import collections
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 import msgspec
 import zmq
@@ -186,7 +186,7 @@ class KvEventRelay:
                 self._subscribers.discard(queue)
                 self._lagging.add(queue)
 
-    def subscribe(self, start: int) -> AsyncIterator[KvBatch]:
+    def subscribe(self, start: int) -> AsyncGenerator[KvBatch, None]:
         """Batches after `start` (0: from the first read on), then live ones. A cursor the history no longer
         reaches back to, or one ahead of the publisher, is EngineCursorError, raised here rather than at the
         first read, so a caller can refuse it before answering: the subscriber starts over from 0."""
@@ -198,7 +198,7 @@ class KvEventRelay:
                     f"({f'{known[0]}-{known[-1]}' if known else 'empty'}); resubscribe from 0")
         return self._stream(start)
 
-    async def _stream(self, start: int) -> AsyncIterator[KvBatch]:
+    async def _stream(self, start: int) -> AsyncGenerator[KvBatch, None]:
         # Joins the fan-out at the first read, so a stream never read holds no queue.
         queue: asyncio.Queue = asyncio.Queue(maxsize=self._history.maxlen)
         backlog = [b for b in self._history if b.rank != 0 or b.sequence > start] if start else []
