@@ -41,8 +41,11 @@ ENGINE_ARGS = (
 # SMG probes each worker every second and acts on two failures / one success: failover within seconds.
 SMG_HEALTH = ("--health-check-interval-secs", "1", "--health-failure-threshold", "2", "--health-success-threshold", "1")
 # SMG answers a PD leg that stays silent for --worker-wedge-secs (3 s by default) with 504. On 2 cores shared
-# with the NIXL workers' spinning progress threads, a prefill, or NIXL's first transfer, can take longer.
-SMG_PD_WEDGE = ("--worker-wedge-secs", "30")
+# with the NIXL workers' spinning progress threads, a PD request here stalls now and then for seconds: 48
+# requests in a row showed stalls of 2-31 s, in the prefill engine, before the decode engine and between the
+# legs (its cause is not pinned down; a 30 s bound failed CI once). A bound, not a wait: a leg that says
+# nothing for two minutes still fails.
+SMG_PD_WEDGE = ("--worker-wedge-secs", "120")
 # SMG's sticky sessions: every request carrying the same conversation id goes to one worker, the first chosen
 # by the policy (a policy name with "+sticky" in the benchmark).
 CONVERSATION_HEADER = "x-conversation-id"
