@@ -22,7 +22,7 @@ PROTO_OUT   := proto/vlm_proto/vllm_engine_pb2.py
 INCUMBENT_VENV ?= .venv-incumbent
 BENCH_ARGS ?=
 
-.PHONY: setup model shapes-model serve test bench bench-replicas loadtest incumbent clean
+.PHONY: setup model shapes-model shifted-model serve test bench bench-replicas loadtest incumbent clean
 
 setup: $(SETUP_STAMP) $(PROTO_OUT)
 
@@ -42,6 +42,11 @@ models/tiny-qwen2.5-vl/RECIPE: tinyvlm/build.py tinyvlm/tokenizer.py | setup
 	$(PY) -m tinyvlm.build --family qwen2_5_vl
 models/tiny-qwen3-vl/RECIPE: tinyvlm/build.py tinyvlm/tokenizer.py | setup
 	$(PY) -m tinyvlm.build --family qwen3_vl
+
+# The committed "after one training step" checkpoint for RL refits (tests, examples/rl_loop.py): 150 optimizer
+# steps from the trained default towards shifted answers (about a minute on 2 CPU cores).
+shifted-model: setup
+	$(PY) -m tinyvlm.finetune --src $(MODEL) --out models/tiny-qwen2-vl-shapes-shifted --steps 150
 
 # Retrain the committed checkpoint (15–30 minutes on 2 CPU cores); writes train_log.jsonl and metrics.json;
 # fails if a held-out question stays under 90%: not every run learns colour (README, "The tiny model").

@@ -22,6 +22,7 @@ from vllm.v1.metrics.loggers import PrometheusStatLogger, StatLoggerBase
 from engine_adapter.errors import (
     EngineCapacityError, EngineDeadError, EngineRequestError, EngineRetryableError, EngineStateError,
 )
+from engine_adapter.control import EngineControl
 from engine_adapter.info import model_info, ordinary_token_ids, pixel_norm
 from engine_adapter.kv_events import KvEventRelay
 from engine_adapter.outputs import to_step_output
@@ -100,6 +101,7 @@ class Engine:
         self._mm_processor = llm.renderer.get_mm_processor() if self.info.supports_vision else None
         self.version = vllm.__version__
         self._kv_relay: KvEventRelay | None = None
+        self.control = EngineControl(llm, llm.vllm_config.model_config.model)
         self.ordinary_token_ids = ordinary_token_ids(self._tokenizer, self.info.vocab_size)
         mm_config = llm.vllm_config.model_config.multimodal_config
         # With vLLM's shared-memory processor cache, each image is written once per identity

@@ -23,3 +23,8 @@ class EngineStateError(RuntimeError):
 
 class EngineCursorError(RuntimeError):
     """A stream position the engine can no longer (or cannot yet) serve from; start over from the beginning."""
+
+
+class EngineOperationError(RuntimeError):
+    """A control operation (pause, reload, weight transfer, ...) failed inside the engine; the message says
+    what was attempted and in what state it left the engine."""

@@ -38,6 +38,7 @@ def to_step_output(
             finish_reason=c.finish_reason,
             stop_token_id=c.stop_reason if isinstance(c.stop_reason, int) else None,
             stop_str=c.stop_reason if isinstance(c.stop_reason, str) else None,
+            weight_versions=tuple((w.version, w.start, w.end) for w in c.weight_versions or ()),
         )
         for c in output.outputs
     )

@@ -1,10 +1,13 @@
 """The servicer's one typed configuration, built once from the command line."""
 
 import argparse
+import ipaddress
 import os
+import pathlib
 from dataclasses import dataclass, field
 
 
+CONTROL_KEY_ENV = "VLM_SERVICER_CONTROL_API_KEY"
 DEFAULT_MODEL = "models/tiny-qwen2-vl-shapes"  # trained to read shapes, committed
 RANDOM_MODEL = "models/tiny-qwen2-vl"  # random weights, built on first use
 
@@ -30,6 +33,10 @@ class ServerConfig:
     mm_shm_keep: bool = False  # keep gateway shm segments after reading them (debugging)
     mm_shm_gb: float = 4.0  # ring that publishes images to the engine's ranks (with vLLM's shm cache)
     pairing_protocol: str = ""  # PD pairing label a gateway matches between prefill and decode workers
+    control_port: int | None = None  # the RL control endpoint (HTTP); None = off, 0 = pick a free port
+    control_host: str = "127.0.0.1"
+    control_api_key: str = field(default="", repr=False)  # bearer key; "" = none (then loopback only)
+    control_allow_collective_rpc: bool = False  # vLLM's collective_rpc route: any worker method by name
     engine_args: tuple[str, ...] = field(default_factory=tuple)  # vLLM's own flags, passed through
 
     def __post_init__(self):
@@ -48,6 +55,33 @@ class ServerConfig:
             raise ConfigError(f"--drain-timeout {self.drain_timeout_s}: must not be negative")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ConfigError(f"--metrics-port {self.metrics_port}: must be in 0..65535")
+        if self.control_port is not None and not 0 <= self.control_port <= 65535:
+            raise ConfigError(f"--control-port {self.control_port}: must be in 0..65535")
+        if self.control_port is not None and not self.control_api_key and not is_loopback(self.control_host):
+            raise ConfigError(f"--control-host {self.control_host}: the control endpoint changes the model every user "
+                              "gets; off loopback it needs a key (--control-api-key-file or $" + CONTROL_KEY_ENV + ")")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name other than localhost may resolve anywhere
+        return False
+
+
+def read_control_key(path: str | None) -> str:
+    """The control endpoint's key: from the file when given, else from the environment ("" when neither)."""
+    if path is None:
+        return os.environ.get(CONTROL_KEY_ENV, "").strip()
+    try:
+        key = pathlib.Path(path).read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"--control-api-key-file {path}: {exc.strerror}") from None
+    if not key:
+        raise ConfigError(f"--control-api-key-file {path}: the file is empty")
+    return key
 
 
 def add_serve_flags(parser: argparse.ArgumentParser) -> None:
@@ -77,6 +111,15 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pairing-protocol", default=os.environ.get("SMG_PAIRING_PROTOCOL", "").strip(),
                         help="PD pairing protocol reported to SMG (default: $SMG_PAIRING_PROTOCOL, the variable "
                              "SMG's contract names); a prefill and a decode worker pair only when theirs are equal")
+    parser.add_argument("--control-port", type=int, default=d.control_port,
+                        help="serve the RL control endpoint (HTTP: pause, refit, resume; README, RL section) on this "
+                             "port; off by default")
+    parser.add_argument("--control-host", default=d.control_host,
+                        help="address of the control endpoint; off loopback it requires a key")
+    parser.add_argument("--control-api-key-file", default=None,
+                        help=f"file holding the bearer key every control call must send (default: ${CONTROL_KEY_ENV})")
+    parser.add_argument("--control-allow-collective-rpc", action="store_true", default=d.control_allow_collective_rpc,
+                        help="allow the control endpoint's collective_rpc route (runs any engine worker method)")
     parser.add_argument("--mm-shm-keep", action="store_true", default=d.mm_shm_keep,
                         help="do not unlink gateway shared-memory segments after reading them (debugging)")
 
@@ -88,5 +131,7 @@ def config_from_args(ns: argparse.Namespace, engine_args: list[str]) -> ServerCo
         decode_workers=ns.decode_workers, drain_timeout_s=ns.drain_timeout_s, metrics_port=ns.metrics_port,
         mm_hash_policy=ns.mm_hash_policy, mm_pad_values=ns.mm_pad_values, mm_store_gb=ns.mm_store_gb,
         mm_shm_keep=ns.mm_shm_keep, mm_shm_gb=ns.mm_shm_gb, pairing_protocol=ns.pairing_protocol,
-        engine_args=tuple(engine_args),
+        control_port=ns.control_port, control_host=ns.control_host,
+        control_api_key=read_control_key(ns.control_api_key_file) if ns.control_port is not None else "",
+        control_allow_collective_rpc=ns.control_allow_collective_rpc, engine_args=tuple(engine_args),
     )

@@ -8,8 +8,8 @@ Anything that is not one of these is our bug: INTERNAL, never blamed on the clie
 import grpc
 
 from engine_adapter.errors import (
-    EngineCapacityError, EngineCursorError, EngineDeadError, EngineRequestError, EngineRetryableError,
-    EngineStateError,
+    EngineCapacityError, EngineCursorError, EngineDeadError, EngineOperationError, EngineRequestError,
+    EngineRetryableError, EngineStateError,
 )
 
 
@@ -53,6 +53,30 @@ class Unavailable(ServicerError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class Aborted(ServicerError):
+    """The call conflicts with an operation in progress (e.g. a refit); retrying after it ends may succeed."""
+
+    code = grpc.StatusCode.ABORTED
+
+
+class Unauthenticated(ServicerError):
+    """No valid credentials (the control endpoint's bearer key)."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(ServicerError):
+    """Authenticated, but this deployment does not allow the call (the message names the flag that would)."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class NotFound(ServicerError):
+    """No such route or object."""
+
+    code = grpc.StatusCode.NOT_FOUND
+
+
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]]:
     """(code, message, trailing metadata) for an exception raised while serving an RPC."""
     if isinstance(exc, ServicerError):
@@ -69,4 +93,21 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str, tuple[tuple[st
         return grpc.StatusCode.OUT_OF_RANGE, str(exc), ()
     if isinstance(exc, EngineStateError):
         return grpc.StatusCode.FAILED_PRECONDITION, str(exc), ()
+    if isinstance(exc, EngineOperationError):  # the engine's own failure; the message says what state it left
+        return grpc.StatusCode.INTERNAL, str(exc), ()
     return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}", ()
+
+
+# The same outcomes for the HTTP control endpoint (servicer/control.py).
+_HTTP_STATUS = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.OUT_OF_RANGE: 400, grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.PERMISSION_DENIED: 403, grpc.StatusCode.NOT_FOUND: 404, grpc.StatusCode.FAILED_PRECONDITION: 409,
+    grpc.StatusCode.ABORTED: 409, grpc.StatusCode.RESOURCE_EXHAUSTED: 429, grpc.StatusCode.UNIMPLEMENTED: 501,
+    grpc.StatusCode.UNAVAILABLE: 503,
+}
+
+
+def http_status_for(exc: BaseException) -> tuple[int, str, str]:
+    """(HTTP status, error code name, message) for an exception raised while serving a control call."""
+    code, message, _ = status_for(exc)
+    return _HTTP_STATUS.get(code, 500), code.name.lower(), message

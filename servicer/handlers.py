@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import grpc
-import numpy as np
 
 from engine_adapter.types import EngineClient, RankLoad
 from servicer.config import ServerConfig
@@ -30,10 +29,10 @@ from servicer import shm, tokenizer_bundle
 from servicer.image_store import ImageStore
 from servicer.kv_events import MediaTokens, kv_event_batch
 from servicer.load_records import LoadRecords, with_load_records
-from servicer.shm import ConsumedSegments
 from servicer.metrics import Metrics
-from servicer.multimodal import ImagePolicy, media_identity
+from servicer.multimodal import media_identity
 from servicer.requests import RequestDecoder
+from servicer.rl import RlController
 from servicer.responses import Accumulator, StreamEncoder
 from vlm_proto import common_pb2, vllm_engine_pb2 as pb, vllm_engine_pb2_grpc as pb_grpc
 
@@ -107,31 +106,26 @@ def _guard_stream(rpc):
 
 
 class VllmEngineServicer(pb_grpc.VllmEngineServicer):
-    def __init__(self, engine: EngineClient, config: ServerConfig, metrics: Metrics):
+    """The RPCs over one engine; server.py builds what they use and hands it in."""
+
+    def __init__(self, engine: EngineClient, config: ServerConfig, metrics: Metrics, decoder: RequestDecoder,
+                 image_store: ImageStore, decode_pool: ThreadPoolExecutor, rl: RlController,
+                 media_tokens: MediaTokens | None):
         self.engine = engine
         self.config = config
         self.metrics = metrics
+        self.decoder = decoder
+        self.image_store = image_store
+        self.rl = rl
+        # The caller's ids of each image's range, for KV events (only needed where the engine ran pad values).
+        self.media_tokens = media_tokens
+        self._decode_pool = decode_pool
         self.draining = False
         self.in_flight: dict[str, InFlight] = {}
         self.started = time.time()
         self.last_receive = 0.0
-        self._decode_pool = ThreadPoolExecutor(config.decode_workers, thread_name_prefix="decode")
-        self.image_store = ImageStore(int(config.mm_store_gb * 1024**3))
-        policy = ImagePolicy(
-            trust_gateway_hashes=config.mm_hash_policy == "trust",
-            pad_values=config.mm_pad_values,
-            pad_candidates=np.asarray(engine.ordinary_token_ids),
-            store=self.image_store,
-            consumed=ConsumedSegments(),
-            unlink_shm=not config.mm_shm_keep,
-        )
         self.shm_namespace_id = shm.namespace_id()
         self._tokenizer_bundle: tokenizer_bundle.Bundle | None = None
-        # The caller's ids of each image's range, for KV events (only needed where the engine ran pad values).
-        self.media_tokens = MediaTokens() if engine.info.kv_events and config.mm_pad_values else None
-        self.decoder = RequestDecoder(engine.info, config.max_n, engine.prepare_pixels, policy, engine.stamp_ids)
-        metrics.bind(lambda: len(self.in_flight), lambda: engine.stats.prefix_cache_hit_rate, self.image_store,
-                     lambda: dict(engine.stats.prompt_tokens_by_source))
 
     def close(self) -> None:
         self._decode_pool.shutdown(wait=False, cancel_futures=True)
@@ -341,6 +335,9 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
         info = self.engine.info
         store = self.image_store.stats()
         return pb.GetServerInfoResponse(
+            is_paused=await self.rl.is_paused(),
+            weight_version=await self.engine.control.weight_version(),
+            checkpoint_path=self.engine.control.checkpoint,
             active_requests=len(self.in_flight),
             last_receive_timestamp=self.last_receive,
             uptime_seconds=time.time() - self.started,

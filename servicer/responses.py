@@ -56,6 +56,8 @@ def _complete(delta_ids, step: StepOutput, sample: SampleDelta, logprobs, prompt
         complete.matched_token_id = sample.stop_token_id
     elif sample.stop_str is not None:
         complete.matched_stop_str = sample.stop_str
+    for version, start, end in sample.weight_versions:
+        complete.weight_versions.add(version=version, start=start, end=end)
     if step.kv_transfer_params is not None:
         complete.kv_transfer_params_json = json.dumps(step.kv_transfer_params)
     return pb.GenerateResponse(complete=complete)

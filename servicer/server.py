@@ -4,15 +4,24 @@ import asyncio
 import logging
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from engine_adapter.types import EngineClient
 from servicer.config import ServerConfig
+from servicer.control import ControlEndpoint
 from servicer.handlers import VllmEngineServicer
+from servicer.image_store import ImageStore
+from servicer.kv_events import MediaTokens
 from servicer.metrics import Metrics
+from servicer.multimodal import ImagePolicy
+from servicer.requests import RequestDecoder
+from servicer.rl import RlController
+from servicer.shm import ConsumedSegments
 from vlm_proto import vllm_engine_pb2 as pb, vllm_engine_pb2_grpc as pb_grpc
 
 logger = logging.getLogger(__name__)
@@ -37,7 +46,10 @@ class Server:
             ("grpc.keepalive_permit_without_calls", 1),
         ])
         self.metrics = Metrics()
-        self.servicer = VllmEngineServicer(engine, config, self.metrics)
+        self.rl = RlController(engine)
+        self.servicer = _build_servicer(config, engine, self.metrics, self.rl)
+        self.control = (ControlEndpoint(self.rl, config.control_api_key, config.control_allow_collective_rpc)
+                        if config.control_port is not None else None)
         self.health = health.aio.HealthServicer()
         pb_grpc.add_VllmEngineServicer_to_server(self.servicer, self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
@@ -46,6 +58,7 @@ class Server:
         self.engine = engine
         self.config = config
         self.metrics_port: int | None = None
+        self.control_port: int | None = None
 
     async def start(self) -> None:
         if self.config.metrics_port is not None:
@@ -53,6 +66,10 @@ class Server:
             logger.info("metrics on http://%s:%d/metrics", self.config.host, self.metrics_port)
         self.engine.start_kv_events()
         await self.grpc.start()
+        if self.control is not None:
+            self.control_port = await self.control.start(self.config.control_host, self.config.control_port)
+            logger.info("RL control endpoint on http://%s:%d (%s)", self.config.control_host, self.control_port,
+                        "bearer key required" if self.config.control_api_key else "no key: loopback only")
         await self._set_serving(health_pb2.HealthCheckResponse.SERVING)
         logger.info("serving %s on %s:%d", self.engine.info.served_model_name, self.config.host, self.port)
 
@@ -73,6 +90,8 @@ class Server:
         while self.servicer.in_flight and time.monotonic() < deadline:
             await asyncio.sleep(DRAIN_POLL_S)
         await self.grpc.stop(max(0.0, deadline - time.monotonic()))
+        if self.control is not None:
+            await self.control.stop()
         self.servicer.close()
 
     async def watch_engine(self) -> None:
@@ -80,6 +99,26 @@ class Server:
         while self.engine.is_healthy:
             await asyncio.sleep(ENGINE_WATCH_INTERVAL_S)
         logger.error("engine died; going NOT_SERVING")
+
+
+def _build_servicer(config: ServerConfig, engine: EngineClient, metrics: Metrics, rl: RlController) -> VllmEngineServicer:
+    """The servicer and what it works with: the image store, the decode threads, the image policy, the decoder."""
+    store = ImageStore(int(config.mm_store_gb * 1024**3))
+    policy = ImagePolicy(
+        trust_gateway_hashes=config.mm_hash_policy == "trust",
+        pad_values=config.mm_pad_values,
+        pad_candidates=np.asarray(engine.ordinary_token_ids),
+        store=store,
+        consumed=ConsumedSegments(),
+        unlink_shm=not config.mm_shm_keep,
+    )
+    decoder = RequestDecoder(engine.info, config.max_n, engine.prepare_pixels, policy, engine.stamp_ids)
+    pool = ThreadPoolExecutor(config.decode_workers, thread_name_prefix="decode")
+    media_tokens = MediaTokens() if engine.info.kv_events and config.mm_pad_values else None
+    servicer = VllmEngineServicer(engine, config, metrics, decoder, store, pool, rl, media_tokens)
+    metrics.bind(lambda: len(servicer.in_flight), lambda: engine.stats.prefix_cache_hit_rate, store,
+                 lambda: dict(engine.stats.prompt_tokens_by_source))
+    return servicer
 
 
 async def create_server(config: ServerConfig, engine: EngineClient) -> Server:

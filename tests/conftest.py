@@ -68,6 +68,8 @@ async def _serve(engine, model, **overrides):
         yield server
     finally:
         await server.grpc.stop(0)
+        if server.control is not None:
+            await server.control.stop()
         server.servicer.close()
 
 

@@ -12,6 +12,7 @@ from vlm_proto import common_pb2, vllm_engine_pb2 as pb
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MODEL = ROOT / "models" / "tiny-qwen2-vl"  # random weights, built on first use: the mechanics tests
 SHAPES_MODEL = ROOT / "models" / "tiny-qwen2-vl-shapes"  # trained, committed: tests of what the model sees
+SHIFTED_MODEL = ROOT / "models" / "tiny-qwen2-vl-shapes-shifted"  # a training step on from it (tinyvlm.finetune)
 FAMILY_MODELS = {  # random weights per family, with video, built on first use (tinyvlm.build --family)
     "qwen2_vl": MODEL,
     "qwen2_5_vl": ROOT / "models" / "tiny-qwen2.5-vl",
