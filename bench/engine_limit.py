@@ -25,11 +25,13 @@ from vllm.inputs import tokens_input
 from vllm.sampling_params import RequestOutputKind
 from vllm.v1.engine.async_llm import AsyncLLM
 
-from bench.load import demo_image, image_request, text_request
-from bench.side_by_side import ENGINE_ARGS, LIMIT_MARK as MARK, SCENARIOS, cpu_split
+from bench.load import image_request, text_request
+from bench.side_by_side import LIMIT_MARK as MARK, SCENARIOS, cpu_split
 from engine_adapter.engine import parse_engine_args
 from engine_adapter.prompt import build_engine_input
 from engine_adapter.types import EngineRequest, MediaItem
+from harness.images import image
+from harness.processes import ENGINE_ARGS
 from servicer.tensors import decode_tensor
 
 
@@ -43,7 +45,7 @@ def _prompts(processor, mm_processor, images: int) -> dict[str, list]:
             continue
         out[scenario] = []
         for seed in range(images):
-            req = image_request(processor, demo_image(112, seed), "Describe the image.", 1, raw_uint8=True)
+            req = image_request(processor, image(112, 112, seed), "Describe the image.", 1, raw_uint8=True)
             mm = req.mm_inputs
             grid = tuple(decode_tensor("grid", mm.model_specific_tensors["image_grid_thw"])[0].tolist())
             [place] = mm.mm_placeholders

@@ -328,22 +328,14 @@ def image_request(processor, image, question: str, max_tokens: int, request_id: 
                               mm_inputs=mm, sampling_params=greedy(max_tokens))
 
 
-def demo_image(size: int, seed: int):
-    """A deterministic gradient-and-noise RGB image."""
-    import numpy as np
-    from PIL import Image
-    y, x = np.mgrid[0:size, 0:size]
-    base = np.stack([x * 255 // (size - 1), y * 255 // (size - 1), (x + y + seed * 37) % 256], -1)
-    noise = np.random.RandomState(seed).randint(0, 64, size=(size, size, 3))
-    return Image.fromarray(((base + noise) % 256).astype(np.uint8))
-
-
 def write_ghz_data(model: str, out: pathlib.Path) -> None:
     """The data files the ghz configs name: a short text prompt, and one inline 112x112 uint8 image."""
     from transformers import AutoProcessor
+
+    from harness.images import image
     processor = AutoProcessor.from_pretrained(model)
     reqs = {"text.data.json": text_request(processor.tokenizer, "What is the capital of France?", 16),
-            "image.data.json": image_request(processor, demo_image(112, 0), "Describe the image.", 16)}
+            "image.data.json": image_request(processor, image(112, 112, 0), "Describe the image.", 16)}
     for name, req in reqs.items():
         req.request_id = "ghz-{{.UUID}}"  # unique per call: the incumbent rejects a running request's id
         text = json.dumps(json_format.MessageToDict(req, preserving_proto_field_name=True), indent=1)

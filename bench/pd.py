@@ -22,7 +22,9 @@ import tempfile
 import time
 import urllib.request
 
-from bench.replicas import SMG_PD_WEDGE, free_port, launch_gateway, noise_image, smg_executable, start_replicas
+from harness.gateway import SMG_PD_WEDGE, launch_gateway, smg_executable
+from harness.images import noise_image
+from harness.processes import free_port, start_replicas
 
 ROLES = ("kv_producer", "kv_consumer")
 
@@ -112,7 +114,8 @@ def _run_setup(label: str, prompts: list, args) -> dict:
         replicas = start_replicas(2 if pd else 1, workdir, _configure if pd else (lambda index: {}))
         gw = None
         try:
-            gw = launch_gateway(replicas, "" if pd else "round_robin", workdir / "smg.log", *args.smg_flag, pd=pd)
+            gw = launch_gateway([r.url for r in replicas], workdir / "smg.log", *args.smg_flag,
+                                policy=None if pd else "round_robin", pd=pd)
             _stream(gw.url, gw.model, "Warm up.", 2)  # not measured: NIXL's first transfer includes its handshake
             return asyncio.run(_load(gw.url, gw.model, prompts, args.max_tokens, args.concurrency))
         except OSError:

@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor
 
+from harness.images import noise
 from servicer.tensors import encode_tensor
 from vlm_proto import common_pb2, vllm_engine_pb2 as pb, vllm_engine_pb2_grpc as pb_grpc
 
@@ -45,7 +46,7 @@ class Conversation:
         self.identities: list[str] = []
 
     def add_user_turn(self, question: str) -> None:
-        img = Image.fromarray(self.rng.randint(0, 256, (self.size, self.size, 3), dtype=np.uint8))
+        img = Image.fromarray(noise(self.size, self.size, self.rng))
         feats = self.processor.image_processor(images=[img], return_tensors="np", do_rescale=False, do_normalize=False)
         self.pixels.append(feats["pixel_values"].astype(np.uint8))
         self.grids.append(feats["image_grid_thw"].astype(np.int64))

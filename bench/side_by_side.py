@@ -22,85 +22,40 @@ import json
 import os
 import pathlib
 import signal
-import socket
 import statistics
 import subprocess
+import sys
 import time
 
 import grpc
 
-from bench.load import LoadConfig, demo_image, image_request, run_load, text_request
+from bench.load import LoadConfig, image_request, run_load, text_request
+from harness.images import image
+from harness.processes import ENGINE_ARGS, ROOT, ServerProcess, ServicerProcess, free_port
 from vlm_proto import vllm_engine_pb2 as pb, vllm_engine_pb2_grpc as pb_grpc
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-ENGINE_ARGS = ["--dtype", "float32", "--max-model-len", "4096", "--enforce-eager",
-               "--kv-cache-memory-bytes", str(1 << 30), "--limit-mm-per-prompt", '{"image": 8, "video": 0}']
 # name -> (kind, max_tokens)
 SCENARIOS = {"text, 1 token": ("text", 1), "text, 16 tokens": ("text", 16), "1 image, 16 tokens": ("image", 16)}
 CALL = "vllm.grpc.engine.VllmEngine.Generate"
 LIMIT_MARK = "@@engine_limit "  # bench.engine_limit's answer lines (vLLM logs to its stdout too)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def server_command(name: str, args, port: int, engine_args=ENGINE_ARGS, extra=()) -> list[str]:
-    """`extra`: flags of our servicer only (the incumbent does not know them)."""
-    if name == "floor":  # no engine: engine_args do not apply
-        return [str(ROOT / ".venv/bin/python"), "-m", "bench.grpc_floor", "--port", str(port)]
+def start_server(name: str, args, engine_args=ENGINE_ARGS, extra=(), env=None,
+                 log_name: str = "side_by_side") -> ServerProcess:
+    """One server, started, in its own session, logging to bench/results/<log_name>.<name>.log. `extra`: flags of
+    our servicer only (the incumbent does not know them)."""
+    log = ROOT / "bench" / "results" / f"{log_name}.{name}.log"
+    env = {**os.environ, **(env or {})}
     if name == "ours":
-        return [str(ROOT / ".venv/bin/vlm-servicer"), "serve", "--model", args.model, "--host", "127.0.0.1",
-                "--port", str(port), *engine_args, *extra]
-    # The incumbent turns its KV-event publisher on by default on all interfaces; keep it, on loopback.
-    events = {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": f"tcp://127.0.0.1:{free_port()}"}
-    return [str(ROOT / args.incumbent_venv / "bin/vllm"), "serve", args.model, "--grpc", "--host", "127.0.0.1",
-            "--port", str(port), *engine_args, "--kv-events-config", json.dumps(events)]
-
-
-class Server:
-    """One server subprocess in its own session; stop() ends that session only."""
-
-    def __init__(self, name: str, args, engine_args=ENGINE_ARGS, extra=(), env=None, log_name="side_by_side"):
-        self.name, self.port = name, free_port()
-        self.log_path = ROOT / "bench" / "results" / f"{log_name}.{name}.log"
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self.log = open(self.log_path, "w")
-        self.command = server_command(name, args, self.port, engine_args, extra)
-        self.proc = subprocess.Popen(self.command, cwd=ROOT, stdout=self.log, env={**os.environ, **(env or {})},
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-        self.host = f"127.0.0.1:{self.port}"
-
-    def wait_ready(self, timeout: float) -> pb.GetServerInfoResponse:
-        deadline = time.monotonic() + timeout
-        with grpc.insecure_channel(self.host) as channel:
-            stub = pb_grpc.VllmEngineStub(channel)
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"{self.name} exited ({self.proc.returncode}); see {self.log_path}")
-                try:
-                    if stub.HealthCheck(pb.HealthCheckRequest(), timeout=2).healthy:
-                        return stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=10)
-                except grpc.RpcError:
-                    pass
-                time.sleep(1)
-        raise TimeoutError(f"{self.name} not healthy after {timeout:.0f} s; see {self.log_path}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                pass
-        try:  # leftovers of the session this process leads (engine core, workers)
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        self.proc.wait()
-        self.log.close()
+        return ServicerProcess(log.parent, name, args.model, engine_args, extra, env, log_name=log.stem).start()
+    port = free_port()
+    if name == "floor":  # no engine: engine_args do not apply
+        command = [sys.executable, "-m", "bench.grpc_floor", "--port", str(port)]
+    else:  # The incumbent turns its KV-event publisher on by default on all interfaces; keep it, on loopback.
+        events = {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": f"tcp://127.0.0.1:{free_port()}"}
+        command = [str(ROOT / args.incumbent_venv / "bin/vllm"), "serve", args.model, "--grpc", "--host", "127.0.0.1",
+                   "--port", str(port), *engine_args, "--kv-events-config", json.dumps(events)]
+    return ServerProcess(command, log, port, env, name=name).start()
 
 
 class EngineLimit:
@@ -153,7 +108,7 @@ class Requests:
             if kind == "text":
                 self.pools[scenario] = [text_request(tok, "What is the capital of France?", max_tokens)]
             else:
-                self.pools[scenario] = [image_request(processor, demo_image(112, seed), "Describe the image.", max_tokens,
+                self.pools[scenario] = [image_request(processor, image(112, 112, seed), "Describe the image.", max_tokens,
                                                       raw_uint8=raw_uint8) for seed in range(images)]
 
     def factory(self, scenario: str, prefix: str):
@@ -262,7 +217,7 @@ def run_group(names: list[str], args, processor, rounds: range) -> dict:
     started = {}
     try:
         for name in names:
-            started[name] = EngineLimit(args) if name == "limit" else Server(name, args)
+            started[name] = EngineLimit(args) if name == "limit" else start_server(name, args)
         servers, infos = {}, {}
         for name, server in started.items():
             t0 = time.monotonic()
@@ -271,7 +226,7 @@ def run_group(names: list[str], args, processor, rounds: range) -> dict:
                 print(f"limit: AsyncLLM ready after {time.monotonic() - t0:.0f} s more", flush=True)
                 servers[name] = (server, None)
                 continue
-            infos[name] = info = server.wait_ready(args.start_timeout)
+            infos[name] = info = server.wait_serving(args.start_timeout)
             print(f"{name}: ready on {server.host} after {time.monotonic() - t0:.0f} s more "
                   f"(mm_device_do_normalize={info.mm_device_do_normalize}, max_num_seqs={info.max_num_seqs})", flush=True)
             servers[name] = (server, Requests(processor, args.images, raw_uint8=info.mm_device_do_normalize))

@@ -17,14 +17,15 @@ import json
 import os
 import statistics
 import time
-import urllib.request
 
 import grpc
 import numpy as np
 import torch
 from transformers import AutoProcessor
 
-from bench.side_by_side import ENGINE_ARGS, ROOT, Server, free_port
+from bench.side_by_side import start_server
+from harness.images import noise
+from harness.processes import ENGINE_ARGS, ROOT, free_port, metric
 from engine_adapter.pixels import PixelNorm, prepare_pixels
 from servicer.identity import image_identity, pad_values
 from servicer.tensors import decode_tensor, encode_tensor
@@ -61,7 +62,7 @@ class Batch:
         proc = AutoProcessor.from_pretrained(MODEL)
         tok = proc.tokenizer
         rng = np.random.RandomState(seed)
-        imgs = [rng.randint(0, 256, (720, 1280, 3), dtype=np.uint8) for _ in range(n)]
+        imgs = [noise(720, 1280, rng) for _ in range(n)]
         raw = dtype == "uint8"
         feats = proc.image_processor(images=imgs, return_tensors="np", do_rescale=not raw, do_normalize=not raw)
         self.dtype = dtype
@@ -103,12 +104,11 @@ class Batch:
 
 
 def _decode_seconds(metrics_port: int) -> tuple[float, float]:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
-    values = dict(line.rsplit(" ", 1) for line in text.splitlines() if line.startswith("vlm_request_decode_seconds_"))
-    return float(values["vlm_request_decode_seconds_sum"]), float(values["vlm_request_decode_seconds_count"])
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    return metric(url, "vlm_request_decode_seconds_sum"), metric(url, "vlm_request_decode_seconds_count")
 
 
-def measure(server: Server, batches: dict, args, metrics_port: int | None) -> list[dict]:
+def measure(server, batches: dict, args, metrics_port: int | None) -> list[dict]:
     rows = []
     limit = [("grpc.max_send_message_length", 1 << 30), ("grpc.max_receive_message_length", 1 << 30)]
     with grpc.insecure_channel(server.host, options=limit) as channel:
@@ -205,9 +205,9 @@ def main() -> None:
             continue
         metrics_port = free_port() if name == "ours" else None
         extra = ["--metrics-port", str(metrics_port)] if metrics_port else []
-        server = Server(name, args, TRANSPORT_ENGINE_ARGS, extra, ENV, log_name="transport")
+        server = start_server(name, args, TRANSPORT_ENGINE_ARGS, extra, ENV, log_name="transport")
         try:
-            server.wait_ready(args.start_timeout)
+            server.wait_serving(args.start_timeout)
             results += measure(server, batches, args, metrics_port)
         finally:
             server.stop()

@@ -1,39 +1,23 @@
 """Builders shared by the tests: tiny-model paths, images, tensors and requests."""
 
-import pathlib
-
-import numpy as np
 import torch
-from PIL import Image
 
+from harness.images import image  # noqa: F401  (the tests' images)
+from harness.processes import ENGINE_ARGS, MODEL, ROOT, SHAPES_MODEL  # noqa: F401  (the tests' names)
 from servicer.tensors import encode_tensor
 from vlm_proto import common_pb2, vllm_engine_pb2 as pb
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-MODEL = ROOT / "models" / "tiny-qwen2-vl"  # random weights, built on first use: the mechanics tests
-SHAPES_MODEL = ROOT / "models" / "tiny-qwen2-vl-shapes"  # trained, committed: tests of what the model sees
-SHIFTED_MODEL = ROOT / "models" / "tiny-qwen2-vl-shapes-shifted"  # a training step on from it (tinyvlm.finetune)
+# MODEL: random weights, built on first use: the mechanics tests. SHAPES_MODEL: trained, committed: tests of
+# what the model sees. SHIFTED_MODEL: a training step on from it (tinyvlm.finetune, committed): refits.
+SHIFTED_MODEL = SHAPES_MODEL.parent / "tiny-qwen2-vl-shapes-shifted"
 FAMILY_MODELS = {  # random weights per family, with video, built on first use (tinyvlm.build --family)
     "qwen2_vl": MODEL,
     "qwen2_5_vl": ROOT / "models" / "tiny-qwen2.5-vl",
     "qwen3_vl": ROOT / "models" / "tiny-qwen3-vl",
 }
-# CPU-engine flags for the tiny model: float32 for HF parity, a small KV reservation.
-ENGINE_ARGS = (
-    "--dtype", "float32", "--max-model-len", "4096", "--enforce-eager",
-    "--kv-cache-memory-bytes", str(1 << 30), "--limit-mm-per-prompt", '{"image": 8, "video": 0}',
-)
+# ENGINE_ARGS: CPU-engine flags for the tiny model (float32 for HF parity, a small KV reservation).
 # The further families' engines also take video.
 FAMILY_ENGINE_ARGS = ENGINE_ARGS[:-1] + ('{"image": 8, "video": 2}',)
-
-
-def image(width: int, height: int, seed: int) -> Image.Image:
-    """A deterministic noise-and-gradient RGB image."""
-    rng = np.random.RandomState(seed)
-    y, x = np.mgrid[0:height, 0:width]
-    base = np.stack([x * 255 // max(width - 1, 1), y * 255 // max(height - 1, 1), (x + y) % 256], -1)
-    noise = rng.randint(0, 64, size=(height, width, 3))
-    return Image.fromarray(((base + noise) % 256).astype(np.uint8))
 
 
 tensor = encode_tensor  # the tests' short name for the one encoder

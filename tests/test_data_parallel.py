@@ -8,15 +8,15 @@
 
 import asyncio
 import json
-import socket
 
 import grpc
 import pytest
 import pytest_asyncio
 
+from harness.processes import free_port, http_json
 from tests.conftest import _start_engine, extra_server
 from tests.fixtures import ENGINE_ARGS, MODEL, request
-from tests.test_gateway import _chat_body, _http, _launch
+from tests.test_gateway import _chat_body, _launch
 from tests.test_kv_events import Subscription, _stored_with
 from vlm_proto import vllm_engine_pb2 as pb
 
@@ -24,26 +24,11 @@ pytestmark = pytest.mark.engine
 RANKS = 2
 
 
-def _free_ports(count: int) -> int:
-    """A loopback port P with P + 1 .. P + count - 1 free too (vLLM's rank r binds a configured port + r)."""
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        try:
-            for port in range(base + 1, base + count):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-
-
 @pytest_asyncio.fixture(scope="module")
 async def dp_engine():
     # vLLM offsets tcp ports per rank (not ipc paths). On tcp://127.0.0.1 the publisher connects and the
     # servicer's relay binds; the replay socket is the engine's to bind.
-    events = _free_ports(2 * RANKS)
+    events = free_port(span=2 * RANKS)
     replay = events + RANKS
     config = {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": f"tcp://127.0.0.1:{events}",
               "replay_endpoint": f"tcp://127.0.0.1:{replay}"}
@@ -131,7 +116,7 @@ async def test_smg_dp_aware_addresses_each_rank(dp, tmp_path_factory):
 
 
 async def _workers(gw):
-    return await asyncio.to_thread(_http, "GET", f"{gw.url}/workers")
+    return await asyncio.to_thread(http_json, "GET", f"{gw.url}/workers")
 
 
 def _pinned(req: pb.GenerateRequest, rank: int) -> pb.GenerateRequest:

@@ -17,9 +17,10 @@ import pytest
 import pytest_asyncio
 import torch
 
+from harness.processes import http_json
 from tests.conftest import _channel, _serve, _start_engine
 from tests.fixtures import ENGINE_ARGS, SHAPES_MODEL, mm_inputs, reference_inputs, request, tensor
-from tests.test_gateway import _http, _launch
+from tests.test_gateway import _launch
 from tests.test_shm import ours_left, shm_tensor
 from tinyvlm import data
 from vlm_proto import vllm_engine_pb2 as pb, vllm_engine_pb2_grpc as pb_grpc
@@ -163,7 +164,7 @@ async def test_embeddings_through_smg_equal_a_direct_call(embed_server, embed_st
     direct, _ = await embed(embed_stub, ids)
     async for gw in _launch(embed_server, str(SHAPES_MODEL), tmp_path_factory, "inline"):
         with gw.dump_log_on_failure():
-            status, answer = await asyncio.to_thread(_http, "POST", f"{gw.url}/v1/embeddings",
+            status, answer = await asyncio.to_thread(http_json, "POST", f"{gw.url}/v1/embeddings",
                                                      {"model": gw.model, "input": text})
             assert status == 200, answer
             assert torch.equal(torch.tensor(answer["data"][0]["embedding"]), direct)

@@ -10,22 +10,14 @@ and the token ids our servicer answered with, then checks that
 """
 
 import asyncio
-import base64
-import contextlib
-import io
-import json
 import os
-import pathlib
-import re
-import signal
-import subprocess
 import time
-from dataclasses import dataclass
 
 import pytest
 import torch
 
-from bench.replicas import free_port, http, metric, smg_executable
+from harness.gateway import launch_gateway, smg_executable
+from harness.images import data_url
 from servicer.tensors import decode_tensor
 from tests.fixtures import image
 from tests.oracle import Oracle  # the `oracle` fixture itself is conftest's (session)
@@ -33,93 +25,11 @@ from vlm_proto import vllm_engine_pb2 as pb
 
 pytestmark = pytest.mark.gateway
 
-SMG = smg_executable()
-if SMG is None:
+if smg_executable() is None:
     pytest.skip("the SMG gateway (`smg` executable, pip package smg) is not installed", allow_module_level=True)
 
 MAX_TOKENS = 8
 TIE_GAP = 1e-3  # random weights: HF and vLLM may part only where HF's top-2 logprob gap is this small
-READY_TIMEOUT_S = 180.0  # a 2-core machine shared with other test runs
-ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-
-_free_port = free_port
-_http_raw = http  # blocking: run it in a thread (the gRPC server shares the test's event loop)
-
-
-def _http(method: str, url: str, body: dict | None = None) -> tuple[int, dict | str]:
-    """Like _http_raw, with the body parsed as JSON where it is JSON."""
-    status, raw = _http_raw(method, url, body)
-    try:
-        return status, json.loads(raw)
-    except ValueError:
-        return status, raw
-
-
-@dataclass
-class Gateway:
-    url: str
-    model: str
-    log: pathlib.Path
-    proc: subprocess.Popen
-    metrics_url: str = ""
-
-    def metric(self, name: str) -> float:
-        """The sum of a Prometheus metric's samples on SMG's metrics endpoint (0 when absent)."""
-        return metric(self.metrics_url, name)
-
-    def log_tail(self, lines: int = 150) -> str:
-        text = ANSI.sub("", self.log.read_text(errors="replace")) if self.log.exists() else "(no log)"
-        return "\n".join(text.splitlines()[-lines:])
-
-    @contextlib.contextmanager
-    def dump_log_on_failure(self):
-        try:
-            yield
-        except BaseException:
-            print(f"\n===== SMG gateway log (last lines of {self.log}) =====\n{self.log_tail()}\n===== end of SMG log =====")
-            raise
-
-    async def chat(self, body: dict) -> tuple[int, dict | str]:
-        return await asyncio.to_thread(_http, "POST", f"{self.url}/v1/chat/completions", body)
-
-    async def chat_stream(self, body: dict) -> tuple[int, list[dict] | str]:
-        """POST with "stream": true; the parsed `data:` events before [DONE]."""
-        status, raw = await asyncio.to_thread(_http_raw, "POST", f"{self.url}/v1/chat/completions", {**body, "stream": True})
-        if status != 200:
-            return status, raw
-        lines = [line.removeprefix("data:").strip() for line in raw.splitlines() if line.startswith("data:")]
-        return status, [json.loads(line) for line in lines if line != "[DONE]"]
-
-
-async def _wait_ready(gw: Gateway, workers: int = 1) -> None:
-    """Ready once SMG has registered `workers` workers (healthy) and lists their model."""
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if gw.proc.poll() is not None:
-            pytest.fail(f"smg exited with {gw.proc.returncode} before it was ready:\n{gw.log_tail()}")
-        with contextlib.suppress(OSError):
-            status, ready = await asyncio.to_thread(_http, "GET", f"{gw.url}/readiness")
-            if status == 200 and isinstance(ready, dict) and ready.get("healthy_workers", 0) >= workers:
-                status, models = await asyncio.to_thread(_http, "GET", f"{gw.url}/v1/models")
-                if status == 200 and isinstance(models, dict) and models.get("data"):
-                    gw.model = models["data"][0]["id"]
-                    return
-        await asyncio.sleep(0.5)
-    pytest.fail(f"smg not ready within {READY_TIMEOUT_S:.0f} s:\n{gw.log_tail()}")
-
-
-async def _stop(proc: subprocess.Popen) -> None:
-    """SIGTERM our own gateway process (by its pid), then SIGKILL if it lingers; never blocks the loop."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 20
-        while proc.poll() is None and time.monotonic() < deadline:
-            await asyncio.sleep(0.2)
-        if proc.poll() is None:
-            proc.kill()
-            while proc.poll() is None:
-                await asyncio.sleep(0.1)
 
 
 @pytest.fixture(scope="module")
@@ -139,34 +49,19 @@ async def shm_gateway(server, model_path, tmp_path_factory):
 async def _launch(server, model_path, tmp_path_factory, transport: str, *flags: str, workers: int = 1,
                   env: dict | None = None):
     """Start SMG (log to a tmp file) in front of `server` (a server or a list of gRPC ports), yield it once
-    `workers` workers are healthy, stop it by pid. `flags` go to `smg launch` as they are; without
-    `model_path` SMG takes the model from the worker."""
+    `workers` workers are healthy, stop it. `flags` go to `smg launch` as they are; without `model_path` SMG
+    takes the model from the worker. The wait runs in a thread: the servicer shares this event loop."""
     log = tmp_path_factory.mktemp("smg") / "smg.log"
-    port, metrics_port = _free_port(), _free_port()
     ports = server if isinstance(server, list) else [server.port]
-    cmd = [
-        SMG, "launch", "--worker-urls", *(f"grpc://127.0.0.1:{p}" for p in ports),
-        "--host", "127.0.0.1", "--port", str(port),
-        "--prometheus-port", str(metrics_port), "--prometheus-host", "127.0.0.1",
-        *(("--model-path", model_path) if model_path else ()), "--multimodal-tensor-transport", transport, *flags,
-    ]
     started = time.monotonic()
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env={**os.environ, **(env or {})})
-    gw = Gateway(f"http://127.0.0.1:{port}", "", log, proc, f"http://127.0.0.1:{metrics_port}/metrics")
+    gw = await asyncio.to_thread(launch_gateway, [f"grpc://127.0.0.1:{p}" for p in ports], log,
+                                 "--multimodal-tensor-transport", transport, *flags, model=model_path,
+                                 workers=workers, health=(), env=env)
     try:
-        await _wait_ready(gw, workers)
-        print(f"\nsmg ready in {time.monotonic() - started:.1f} s (pid {proc.pid}, model {gw.model!r}, log {log})")
+        print(f"\nsmg ready in {time.monotonic() - started:.1f} s (pid {gw.proc.pid}, model {gw.model!r}, log {log})")
         yield gw
     finally:
-        await _stop(proc)
-
-
-def _data_url(img) -> str:
-    buf = io.BytesIO()
-    img.save(buf, "PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+        await asyncio.to_thread(gw.stop)
 
 
 def _pixels_per_channel_normalized(raw: torch.Tensor, oracle: Oracle) -> torch.Tensor:
@@ -180,7 +75,7 @@ def _pixels_per_channel_normalized(raw: torch.Tensor, oracle: Oracle) -> torch.T
 
 def _chat_body(model: str, text: str, pil: list) -> dict:
     # SMG puts a message's images before its text; send them text-first to exercise that.
-    content = [{"type": "text", "text": text}] + [{"type": "image_url", "image_url": {"url": _data_url(p)}} for p in pil]
+    content = [{"type": "text", "text": text}] + [{"type": "image_url", "image_url": {"url": data_url(p)}} for p in pil]
     return {
         "model": model, "messages": [{"role": "user", "content": content}],
         "temperature": 0, "max_tokens": MAX_TOKENS, "skip_special_tokens": False,

@@ -12,8 +12,10 @@ import string
 
 import pytest
 
+from harness.images import data_url
+from harness.processes import http_json
 from tests.fixtures import SHAPES_MODEL
-from tests.test_gateway import _data_url, _http, _launch, gateway  # noqa: F401 (gateway: a fixture)
+from tests.test_gateway import _launch, gateway  # noqa: F401 (gateway: a fixture)
 from tinyvlm import data
 
 pytestmark = pytest.mark.gateway
@@ -39,7 +41,7 @@ def samples():
 
 
 def _chat(gw, sample, **extra) -> dict:
-    content = [{"type": "image_url", "image_url": {"url": _data_url(sample.image)}},
+    content = [{"type": "image_url", "image_url": {"url": data_url(sample.image)}},
                {"type": "text", "text": "What colour is the shape?"}]
     return {"model": gw.model, "messages": [{"role": "user", "content": content}], "temperature": 0,
             "max_tokens": 48, **extra}
@@ -47,7 +49,7 @@ def _chat(gw, sample, **extra) -> dict:
 
 async def _post(gw, path: str, body: dict):
     """One call; with "stream": true, the events folded back into one message per choice."""
-    status, answer = await asyncio.to_thread(_http, "POST", f"{gw.url}{path}", body)
+    status, answer = await asyncio.to_thread(http_json, "POST", f"{gw.url}{path}", body)
     if status != 200 or not body.get("stream"):
         return status, answer
     events = [json.loads(line.removeprefix("data:").strip()) for line in answer.splitlines()

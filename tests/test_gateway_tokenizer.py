@@ -46,7 +46,7 @@ async def test_smg_without_the_model_files_takes_the_tokenizer_from_the_worker(w
         with gw.dump_log_on_failure():
             status, answer = await gw.chat(_chat_body(gw.model, text, pil))
             assert status == 200, answer
-            log = gw.log_tail(100_000)
+            log = gw.tail(100_000)
             assert "Fetching tokenizer from worker" in log
             assert "Preloaded multimodal config from GetTokenizer bundle" in log
             [sent], [served] = capture.requests, capture.outputs

@@ -17,7 +17,7 @@ import asyncio
 import grpc
 import pytest
 
-from bench.replicas import metric
+from harness.processes import metric
 from tests.fixtures import image, mm_inputs, request
 from tests.test_gateway import _chat_body, gateway  # noqa: F401 (gateway: a fixture)
 from vlm_proto import common_pb2, vllm_engine_pb2 as pb

@@ -5,80 +5,35 @@ Each test starts its own process and engine (they end them), so these run last-i
 
 import asyncio
 import os
-import re
 import signal
-import subprocess
-import sys
 import time
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.fixtures import ENGINE_ARGS, MODEL, request
+from harness.processes import ServicerProcess
+from tests.fixtures import request
 from vlm_proto import vllm_engine_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.engine
 START_TIMEOUT_S = 300
 
 
-class ServicerProcess:
-    def __init__(self, log_path, *flags, env=None):
-        self.log_path = log_path
-        self.log = open(log_path, "w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "servicer.cli", "serve", "--model", str(MODEL), "--port", "0", *ENGINE_ARGS, *flags],
-            stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
-        )
-        self.port = None
-
-    def wait_ready(self) -> int:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            found = re.search(r"serving \S+ on 127\.0\.0\.1:(\d+)", self.log_path.read_text(errors="replace"))
-            if found:
-                self.port = int(found.group(1))
-                return self.port
-            assert self.proc.poll() is None, f"servicer exited early:\n{self.tail()}"
-            time.sleep(0.5)
-        raise AssertionError(f"servicer not ready:\n{self.tail()}")
-
-    def children(self) -> list[int]:
-        """PIDs whose parent is our servicer (vLLM's engine core)."""
-        out = []
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                try:
-                    stat = open(f"/proc/{entry}/stat").read()
-                except OSError:
-                    continue
-                if int(stat.rsplit(")", 1)[1].split()[1]) == self.proc.pid:
-                    out.append(int(entry))
-        return out
-
-    def tail(self, n=60) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(30)
-        self.log.close()
-
-
 @pytest.fixture
 def servicer_process(tmp_path):
+    """Start a `vlm-servicer serve` on the tiny model (port 0) with extra flags and env; each is killed after."""
     started = []
 
     def start(*flags, env=None):
-        p = ServicerProcess(tmp_path / f"servicer{len(started)}.log", *flags, env=env)
+        p = ServicerProcess(tmp_path, f"servicer{len(started)}", flags=flags, env=env, port=0)
         started.append(p)
-        p.wait_ready()
+        p.start().wait_ready(time.monotonic() + START_TIMEOUT_S)
         return p
 
     yield start
     for p in started:
-        p.stop()
+        p.kill()
 
 
 async def _health(channel) -> int:

@@ -1,20 +1,16 @@
 """The Prometheus endpoint: request codes, latencies, tokens, multimodal bytes, cache and store figures."""
 
-import urllib.request
-
 import grpc
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
+from harness.processes import scrape
 from tests.fixtures import image, mm_inputs, request
 
 pytestmark = pytest.mark.engine
 
 
 def _scrape(port: int) -> dict[tuple[str, tuple], float]:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    return scrape(f"http://127.0.0.1:{port}/metrics")
 
 
 async def test_metrics_count_what_happened(stub, server, oracle):

@@ -17,8 +17,9 @@ import json
 import grpc
 import pytest
 
-from bench.replicas import (SMG_PD_WEDGE, free_port, http, launch_gateway, metric, noise_image, smg_executable,
-                            start_replicas)
+from harness.gateway import SMG_PD_WEDGE, launch_gateway, smg_executable
+from harness.images import noise_image
+from harness.processes import free_port, http, metric, start_replicas
 from tests.fixtures import image, reference_inputs, request
 from vlm_proto import vllm_engine_pb2_grpc as pb_grpc
 
@@ -59,8 +60,8 @@ def pd_pair(tmp_path_factory):
     pair = start_replicas(2, workdir, configure)
     gateways = []
     try:  # every process started here stops, even when a later one fails to start
-        gateways.append(launch_gateway(pair, "", workdir / "smg-pd.log", *SMG_PD_WEDGE, pd=True))
-        gateways.append(launch_gateway([pair[1]], "round_robin", workdir / "smg-one.log"))
+        gateways.append(launch_gateway([r.url for r in pair], workdir / "smg-pd.log", *SMG_PD_WEDGE, pd=True))
+        gateways.append(launch_gateway([pair[1].url], workdir / "smg-one.log", policy="round_robin"))
         yield pair, gateways
     finally:
         for gw in gateways:
@@ -78,8 +79,7 @@ def _chat(gw, messages: list[dict], max_tokens: int = 8) -> dict:
 
 
 def _sources(decode) -> dict[str, float]:
-    url = f"http://127.0.0.1:{decode.metrics_port}/metrics"
-    return {s: metric(url, SOURCE, f'source="{s}"') for s in ("local_compute", "local_cache_hit", "external_kv_transfer")}
+    return {s: metric(decode.metrics_url, SOURCE, f'source="{s}"') for s in ("local_compute", "local_cache_hit", "external_kv_transfer")}
 
 
 async def _pd_then_single(pd_pair, messages: list[dict]) -> tuple[dict, dict, dict]:

@@ -13,7 +13,8 @@ import time
 
 import pytest
 
-from bench.replicas import Conversation, chat_stream, launch_gateway, metric, smg_executable, start_replicas
+from harness.gateway import Conversation, chat_stream, launch_gateway, smg_executable
+from harness.processes import metric, start_replicas
 
 pytestmark = [pytest.mark.engine, pytest.mark.gateway]
 if smg_executable() is None:
@@ -36,7 +37,7 @@ def gateway_for(replicas, tmp_path):
     gateways = []
 
     def launch(policy: str):
-        gateways.append(launch_gateway(replicas, policy, tmp_path / f"smg-{policy}.log"))
+        gateways.append(launch_gateway([r.url for r in replicas], tmp_path / f"smg-{policy}.log", policy=policy))
         return gateways[-1]
 
     yield launch
