@@ -51,10 +51,12 @@ def free_port(span: int = 1) -> int:
         return port
 
 
-def http(method: str, url: str, body: dict | None = None, timeout: float = HTTP_TIMEOUT_S) -> tuple[int, str]:
+def http(method: str, url: str, body: dict | None = None, timeout: float = HTTP_TIMEOUT_S,
+         headers: dict | None = None) -> tuple[int, str]:
     """(status, body text) of one JSON call; an HTTP error status is returned, not raised."""
     data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(url, data=data, method=method,
+                                 headers={"Content-Type": "application/json", **(headers or {})})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             return resp.status, resp.read().decode(errors="replace")
@@ -62,10 +64,10 @@ def http(method: str, url: str, body: dict | None = None, timeout: float = HTTP_
         return exc.code, exc.read().decode(errors="replace")
 
 
-def http_json(method: str, url: str, body: dict | None = None,
-              timeout: float = HTTP_TIMEOUT_S) -> tuple[int, dict | list | str]:
+def http_json(method: str, url: str, body: dict | None = None, timeout: float = HTTP_TIMEOUT_S,
+              headers: dict | None = None) -> tuple[int, dict | list | str]:
     """Like http(), with the body parsed where it is JSON."""
-    status, raw = http(method, url, body, timeout)
+    status, raw = http(method, url, body, timeout, headers)
     try:
         return status, json.loads(raw)
     except ValueError:
