@@ -18,25 +18,20 @@ import tempfile
 import time
 
 import grpc
+from transformers import AutoProcessor
 
 from harness.processes import SHAPES_MODEL, ServicerProcess, free_port, http_json
-from servicer.tensors import encode_tensor
-from tests.oracle import Oracle
+from harness.prompts import shapes_question
 from tinyvlm import data
-from vlm_proto import vllm_engine_pb2 as pb, vllm_engine_pb2_grpc as pb_grpc
+from vlm_proto import vllm_engine_pb2_grpc as pb_grpc
 
 SHIFTED_MODEL = SHAPES_MODEL.parent / "tiny-qwen2-vl-shapes-shifted"
 KEY = "bench-refit"
 
 
-def first_answer(host: str, oracle: Oracle, seed: int) -> float:
+def first_answer(host: str, processor, seed: int) -> float:
     """Send one fresh image question; the seconds until its answer."""
-    sample = data.make_sample(random.Random(seed))
-    imgs = oracle.images([sample.image])
-    ids = oracle.chat_ids(data.QUESTIONS["colour"], 1, imgs.tokens_per_image)
-    request = pb.GenerateRequest(tokenized=pb.TokenizedInput(input_ids=ids), sampling_params=pb.SamplingParams(
-        temperature=0.0, max_tokens=2), mm_inputs=pb.MultimodalInputs(
-        pixel_values=encode_tensor(imgs.raw), model_specific_tensors={"image_grid_thw": encode_tensor(imgs.grid)}))
+    request = shapes_question(processor, data.make_sample(random.Random(seed)), "colour", temperature=0.0, max_tokens=2)
     started = time.monotonic()
     with grpc.insecure_channel(host) as channel:
         list(pb_grpc.VllmEngineStub(channel).Generate(request, timeout=600))
@@ -52,7 +47,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    oracle = Oracle(SHAPES_MODEL)
+    processor = AutoProcessor.from_pretrained(SHAPES_MODEL)
     models = [SHAPES_MODEL, SHIFTED_MODEL]
     refits, reloads, restarts = [], [], []
     with tempfile.TemporaryDirectory(prefix="bench-refit-") as tmp:
@@ -60,7 +55,7 @@ def main() -> None:
         port, control_port, starts = free_port(), free_port(), 0
         proc = servicer(workdir, models[0], port, control_port, starts).start()
         proc.wait_ready(time.monotonic() + 600)
-        first_answer(proc.host, oracle, 0)  # warm: the first request after a start pays one-time costs on both sides
+        first_answer(proc.host, processor, 0)  # warm: the first request after a start pays one-time costs on both sides
         seed = 1
         try:
             for r in range(args.rounds):
@@ -69,7 +64,7 @@ def main() -> None:
                 status, body = http_json("POST", f"http://127.0.0.1:{control_port}/update_weights_from_disk",
                                          {"model_path": str(target)}, headers={"Authorization": f"Bearer {KEY}"})
                 assert status == 200, body
-                refits.append(time.monotonic() - started + first_answer(proc.host, oracle, seed))
+                refits.append(time.monotonic() - started + first_answer(proc.host, processor, seed))
                 reloads.append(body["seconds"])
                 seed += 1
 
@@ -79,7 +74,7 @@ def main() -> None:
                 starts += 1
                 proc = servicer(workdir, target, port, control_port, starts).start()
                 proc.wait_ready(time.monotonic() + 600)
-                restarts.append(time.monotonic() - started + first_answer(proc.host, oracle, seed))
+                restarts.append(time.monotonic() - started + first_answer(proc.host, processor, seed))
                 seed += 1
                 print(f"round {r + 1}: refit {refits[-1]:.2f} s (reload and cache reset {reloads[-1]:.2f} s), "
                       f"restart {restarts[-1]:.1f} s", flush=True)

@@ -10,8 +10,8 @@ in front of them, and registers each worker with its `rl.control_url`. Then, per
   2. a tiny training step: a few optimizer steps of tinyvlm.finetune from the current checkpoint towards the
      "shifted" answers (red -> green, circle -> square, ...), the reward this loop pays for;
   3. a refit of every worker through SMG: inside `smg.rl.paused(...)`, a fan-out of `update_weights_from_disk`
-     with the new checkpoint and version; then the workers' `weight_version` labels in SMG (1.13 does not update
-     them itself).
+     with the new checkpoint and version (each worker then updates its `weight_version` label in SMG, which
+     1.13 does not do itself).
 It prints, per step, the reward, a few answers and each worker's weight version.
 """
 
@@ -26,16 +26,15 @@ import time
 from dataclasses import dataclass, field
 
 import grpc
-import torch
 from transformers import AutoProcessor
 
 from harness.gateway import Gateway, launch_gateway
-from harness.processes import SHAPES_MODEL, ServicerProcess, free_port, http_json, start_replicas
-from servicer.tensors import encode_tensor
+from harness.prompts import shapes_question
+from harness.processes import SHAPES_MODEL, ServicerProcess, free_port, start_replicas
 from smg.rl import RL, paused
 from tinyvlm import data
 from tinyvlm.finetune import finetune, shifted
-from vlm_proto import vllm_engine_pb2 as pb, vllm_engine_pb2_grpc as pb_grpc
+from vlm_proto import vllm_engine_pb2_grpc as pb_grpc
 
 SELECTOR = "rl.group=rollout"  # not `pool`: SMG routes by a worker's `pool` label (a "rollout" pool gets no chat traffic)
 PROMPTS_PER_STEP = 8
@@ -85,20 +84,23 @@ class StepReport:
 
 
 def launch(workdir: pathlib.Path, model: pathlib.Path = SHAPES_MODEL) -> Cluster:
-    """Two workers with control endpoints (one key), SMG with its RL control plane, the workers registered."""
+    """Two workers with control endpoints (one key), SMG with its RL control plane in front of them. Each worker
+    keeps its own entry in SMG labelled (`--register-with`: its rl.control_url, key, weight_version, rl.group)."""
     key = secrets.token_hex(16)
     key_file = workdir / "control.key"
     key_file.write_text(key)
     key_file.chmod(0o600)
-    control_ports = [free_port(), free_port()]
-    workers = start_replicas(2, workdir, lambda i: {
-        "model": model, "flags": ("--control-port", str(control_ports[i]), "--control-api-key-file", str(key_file))})
+    gateway_port, control_ports = free_port(), [free_port(), free_port()]
+    workers = start_replicas(2, workdir, lambda i: {"model": model, "flags": (
+        "--control-port", str(control_ports[i]), "--control-api-key-file", str(key_file),
+        "--register-with", f"http://127.0.0.1:{gateway_port}", "--register-labels", "rl.group=rollout",
+        "--register-interval", "2")})
     gateway = None
     try:
-        gateway = launch_gateway([w.url for w in workers], workdir / "smg.log", "--enable-rl",
-                                 policy="round_robin", model=model)
+        gateway = launch_gateway([w.url for w in workers], workdir / "smg.log", "--enable-rl", policy="round_robin",
+                                 model=model, port=gateway_port)
         control_urls = [f"http://127.0.0.1:{p}" for p in control_ports]
-        register(gateway, {w.url: url for w, url in zip(workers, control_urls)}, key)
+        wait_registered(gateway, control_urls)
         return Cluster(workers, control_urls, gateway, key)
     except BaseException:
         if gateway is not None:
@@ -108,21 +110,12 @@ def launch(workdir: pathlib.Path, model: pathlib.Path = SHAPES_MODEL) -> Cluster
         raise
 
 
-def register(gateway: Gateway, control_urls: dict[str, str], key: str, timeout: float = 60.0) -> None:
-    """Give each worker SMG knows (by gRPC URL) its control URL, key and labels, and wait until SMG's RL plane
-    lists them. SMG 1.13 sets labels only through its API; `PATCH /workers/{id}` merges them."""
-    labels = {"rl.group": "rollout", "weight_version": "default",
-              # What this worker does, for SMG's capability listing (advisory: SMG refuses nothing by them).
-              "rl.pause_modes": "abort,wait,keep,in_place,retract", "rl.update_from": "disk,distributed",
-              "rl.flush_cache": "true", "rl.sleep_wake": "true", "rl.reports_weight_version": "true"}
-    for worker in gateway.workers():
-        body = {"api_key": key, "labels": {**labels, "rl.control_url": control_urls[worker["url"]]}}
-        status, answer = http_json("PATCH", f"{gateway.url}/workers/{worker['id']}", body)
-        if status not in (200, 202):
-            raise RuntimeError(f"PATCH /workers/{worker['id']}: {status} {answer}")
-    deadline = time.monotonic() + timeout
-    while {w.control_url for w in RL(gateway.url).workers()} != set(control_urls.values()):
-        assert time.monotonic() < deadline, f"SMG never listed the control URLs: {RL(gateway.url).workers()}"
+def wait_registered(gateway: Gateway, control_urls: list[str], timeout: float = 60.0) -> None:
+    """Until SMG's RL plane lists every worker with its control URL."""
+    rl, deadline = RL(gateway.url), time.monotonic() + timeout
+    while {w.control_url for w in rl.workers()} != set(control_urls):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"SMG never listed the control URLs {control_urls}: {rl.workers()}")
         time.sleep(0.2)
 
 
@@ -134,20 +127,6 @@ class Rollouts:
         self.tokenizer = self.processor.tokenizer
         self.hosts = hosts
         self.target = shifted(1)
-
-    def prompt(self, sample: data.Sample, kind: str):
-        proc = self.processor.image_processor
-        raw = proc(images=[sample.image], return_tensors="pt", do_rescale=False, do_normalize=False)
-        grid = raw["image_grid_thw"]
-        tid = self.tokenizer.convert_tokens_to_ids
-        enc = lambda s: self.tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
-        pads = [tid("<|image_pad|>")] * (int(grid.prod()) // proc.merge_size ** 2)
-        ids = (enc("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n")
-               + [tid("<|vision_start|>"), *pads, tid("<|vision_end|>")]
-               + enc(data.QUESTIONS[kind] + "<|im_end|>\n<|im_start|>assistant\n"))
-        mm = pb.MultimodalInputs(pixel_values=encode_tensor(raw["pixel_values"].round().to(torch.uint8)),
-                                 model_specific_tensors={"image_grid_thw": encode_tensor(grid)})
-        return ids, mm
 
     async def run(self, step: int, n: int, seed: int) -> list[Rollout]:
         rng = random.Random(seed)
@@ -162,13 +141,11 @@ class Rollouts:
                 await c.close()
 
     async def _one(self, stub, sample, kind, worker, request_id, seed) -> Rollout:
-        ids, mm = self.prompt(sample, kind)
-        request = pb.GenerateRequest(request_id=request_id, tokenized=pb.TokenizedInput(input_ids=ids), mm_inputs=mm,
-                                     sampling_params=pb.SamplingParams(temperature=1.0, max_tokens=4, logprobs=0,
-                                                                       seed=seed))
+        request = shapes_question(self.processor, sample, kind, temperature=1.0, max_tokens=4, logprobs=0, seed=seed)
+        request.request_id = request_id
         [done] = [r.complete async for r in stub.Generate(request)]
         answer = self.tokenizer.decode(list(done.output_ids), skip_special_tokens=True).strip()
-        return Rollout(sample, kind, ids, list(done.output_ids), list(done.output_logprobs.token_logprobs), answer,
+        return Rollout(sample, kind, list(request.tokenized.input_ids), list(done.output_ids), list(done.output_logprobs.token_logprobs), answer,
                        float(answer == self.target[sample.answer(kind)]),
                        [(s.version, s.start, s.end) for s in done.weight_versions], worker)
 
@@ -183,9 +160,6 @@ def refit(gateway: Gateway, key: str, checkpoint: pathlib.Path, version: str) ->
     seconds = time.monotonic() - started
     versions = {wid: r.body["weight_version"]
                 for wid, r in rl.fanout("get_weight_version", {}, selector=SELECTOR).results.items()}
-    for worker in rl.workers():  # SMG 1.13 keeps the label it was given at registration
-        status, body = http_json("PATCH", f"{gateway.url}/workers/{worker.id}", {"labels": {"weight_version": version}})
-        assert status in (200, 202), f"PATCH /workers/{worker.id}: {status} {body}"
     return versions, seconds
 
 

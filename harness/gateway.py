@@ -126,11 +126,12 @@ class Gateway:
 def launch_gateway(worker_urls: list[str], log: pathlib.Path, *flags: str, policy: str | None = None,
                    model: pathlib.Path | str | None = MODEL, pd: bool = False, workers: int | None = None,
                    health: tuple[str, ...] = SMG_HEALTH, env: dict | None = None,
-                   timeout: float = READY_TIMEOUT_S) -> Gateway:
+                   timeout: float = READY_TIMEOUT_S, port: int | None = None) -> Gateway:
     """`smg launch` over `worker_urls` (none: workers come later, `POST /workers`); `pd`: the first URL prefills,
-    the second decodes. `flags` go last, as they are; without `model` SMG takes it from a worker. Returns once
+    the second decodes. `flags` go last, as they are; without `model` SMG takes it from a worker; `port`: a port
+    chosen beforehand (workers told where the gateway will be). Returns once
     `workers` (default: one per URL) are healthy and it lists the model."""
-    port, metrics_port = free_port(), free_port()
+    port, metrics_port = port or free_port(), free_port()
     if pd:
         routing = ["--pd-disaggregation", "--prefill", worker_urls[0], "--decode", worker_urls[1]]
     else:

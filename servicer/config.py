@@ -37,6 +37,11 @@ class ServerConfig:
     control_host: str = "127.0.0.1"
     control_api_key: str = field(default="", repr=False)  # bearer key; "" = none (then loopback only)
     control_allow_collective_rpc: bool = False  # vLLM's collective_rpc route: any worker method by name
+    register_with: str = ""  # an SMG gateway's URL: keep this worker's entry there labelled (servicer/registrar.py)
+    advertise_host: str = ""  # the address the gateway reaches this worker at ("" = --host)
+    register_labels: tuple[tuple[str, str], ...] = ()  # extra labels for that entry
+    register_interval_s: float = 10.0
+    gateway_api_key: str = field(default="", repr=False)  # the gateway's own --api-key, for its /workers API
     engine_args: tuple[str, ...] = field(default_factory=tuple)  # vLLM's own flags, passed through
 
     def __post_init__(self):
@@ -57,9 +62,21 @@ class ServerConfig:
             raise ConfigError(f"--metrics-port {self.metrics_port}: must be in 0..65535")
         if self.control_port is not None and not 0 <= self.control_port <= 65535:
             raise ConfigError(f"--control-port {self.control_port}: must be in 0..65535")
+        if self.register_with and not self.advertised_host:
+            raise ConfigError(f"--register-with: --host {self.host} is not an address a gateway can reach; "
+                              "pass --advertise-host (e.g. the pod's IP)")
+        if self.register_interval_s <= 0:
+            raise ConfigError(f"--register-interval {self.register_interval_s}: must be positive")
         if self.control_port is not None and not self.control_api_key and not is_loopback(self.control_host):
             raise ConfigError(f"--control-host {self.control_host}: the control endpoint changes the model every user "
                               "gets; off loopback it needs a key (--control-api-key-file or $" + CONTROL_KEY_ENV + ")")
+
+
+    @property
+    def advertised_host(self) -> str:
+        """Where a gateway reaches this worker ("" when only a wildcard bind address is known)."""
+        host = self.advertise_host or self.host
+        return "" if host in ("0.0.0.0", "::", "") else host
 
 
 def is_loopback(host: str) -> bool:
@@ -75,13 +92,28 @@ def read_control_key(path: str | None) -> str:
     """The control endpoint's key: from the file when given, else from the environment ("" when neither)."""
     if path is None:
         return os.environ.get(CONTROL_KEY_ENV, "").strip()
+    return _read_secret(path, "--control-api-key-file")
+
+
+def _read_secret(path: str, flag: str) -> str:
     try:
-        key = pathlib.Path(path).read_text().strip()
+        secret = pathlib.Path(path).read_text().strip()
     except OSError as exc:
-        raise ConfigError(f"--control-api-key-file {path}: {exc.strerror}") from None
-    if not key:
-        raise ConfigError(f"--control-api-key-file {path}: the file is empty")
-    return key
+        raise ConfigError(f"{flag} {path}: {exc.strerror}") from None
+    if not secret:
+        raise ConfigError(f"{flag} {path}: the file is empty")
+    return secret
+
+
+def _labels(text: str) -> tuple[tuple[str, str], ...]:
+    """`k=v,k2=v2` -> ((k, v), (k2, v2))."""
+    labels = []
+    for pair in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--register-labels: {pair!r} is not key=value")
+        labels.append((key.strip(), value.strip()))
+    return tuple(labels)
 
 
 def add_serve_flags(parser: argparse.ArgumentParser) -> None:
@@ -120,6 +152,16 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
                         help=f"file holding the bearer key every control call must send (default: ${CONTROL_KEY_ENV})")
     parser.add_argument("--control-allow-collective-rpc", action="store_true", default=d.control_allow_collective_rpc,
                         help="allow the control endpoint's collective_rpc route (runs any engine worker method)")
+    parser.add_argument("--register-with", default=d.register_with, metavar="GATEWAY_URL",
+                        help="keep this worker's entry in that SMG gateway labelled with its rl.control_url, control "
+                             "key, weight_version and --register-labels (SMG learns labels only through its API)")
+    parser.add_argument("--advertise-host", default=d.advertise_host,
+                        help="the address the gateway reaches this worker at (default: --host)")
+    parser.add_argument("--register-labels", default="", metavar="K=V,...", help="extra labels for that entry")
+    parser.add_argument("--register-interval", dest="register_interval_s", type=float, default=d.register_interval_s,
+                        help="seconds between checks of the gateway's entry")
+    parser.add_argument("--gateway-api-key-file", default=None,
+                        help="file holding the gateway's own --api-key, if it has one (its /workers API needs it)")
     parser.add_argument("--mm-shm-keep", action="store_true", default=d.mm_shm_keep,
                         help="do not unlink gateway shared-memory segments after reading them (debugging)")
 
@@ -133,5 +175,9 @@ def config_from_args(ns: argparse.Namespace, engine_args: list[str]) -> ServerCo
         mm_shm_keep=ns.mm_shm_keep, mm_shm_gb=ns.mm_shm_gb, pairing_protocol=ns.pairing_protocol,
         control_port=ns.control_port, control_host=ns.control_host,
         control_api_key=read_control_key(ns.control_api_key_file) if ns.control_port is not None else "",
-        control_allow_collective_rpc=ns.control_allow_collective_rpc, engine_args=tuple(engine_args),
+        control_allow_collective_rpc=ns.control_allow_collective_rpc,
+        register_with=ns.register_with, advertise_host=ns.advertise_host,
+        register_labels=_labels(ns.register_labels), register_interval_s=ns.register_interval_s,
+        gateway_api_key=_read_secret(ns.gateway_api_key_file, "--gateway-api-key-file") if ns.gateway_api_key_file else "",
+        engine_args=tuple(engine_args),
     )

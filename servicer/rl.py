@@ -12,12 +12,17 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from engine_adapter.types import EngineClient
 from servicer.errors import Aborted, FailedPrecondition, InvalidArgument
 
 logger = logging.getLogger(__name__)
+# What this worker's RL control plane does, in the labels SMG lists as a worker's capabilities (advisory: SMG
+# refuses no call by them). Pause modes: vLLM's and SGLang's; updates: from disk and vLLM's NCCL transfer.
+CAPABILITY_LABELS = {"rl.pause_modes": "abort,wait,keep,in_place,retract", "rl.update_from": "disk,distributed",
+                     "rl.flush_cache": "true", "rl.sleep_wake": "true", "rl.reports_weight_version": "true"}
 
 
 @dataclass
@@ -41,6 +46,7 @@ class RlController:
         self.paused = False  # our own record of the pause state, for synchronous readers (load records)
         self.refits = 0
         self.last_refit: RefitRecord | None = None
+        self.on_weights_changed: list[Callable[[], None]] = []  # e.g. the gateway registration's wake()
 
     @contextlib.asynccontextmanager
     async def _exclusive(self, what: str):
@@ -117,6 +123,8 @@ class RlController:
             return self._refitted(path, started)
 
     def _refitted(self, source: str, started: float, version: str | None = None) -> RefitRecord:
+        for hook in self.on_weights_changed:
+            hook()
         self.refits += 1
         self.last_refit = RefitRecord(source, time.monotonic() - started, version or "")
         logger.info("refit %d from %s took %.2f s", self.refits, source, self.last_refit.seconds)
@@ -178,8 +186,10 @@ class RlController:
                 await self.control.set_weight_version(version)
                 if not was_paused:
                     await self.control.resume()
-            return
-        await self.control.set_weight_version(version)
+        else:
+            await self.control.set_weight_version(version)
+        for hook in self.on_weights_changed:
+            hook()
 
     async def status(self) -> dict:
         """What get_server_info reports: the weights, the pause state and the last refit."""

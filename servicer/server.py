@@ -19,8 +19,9 @@ from servicer.image_store import ImageStore
 from servicer.kv_events import MediaTokens
 from servicer.metrics import Metrics
 from servicer.multimodal import ImagePolicy
+from servicer.registrar import GatewayRegistration, stop as stop_registration
 from servicer.requests import RequestDecoder
-from servicer.rl import RlController
+from servicer.rl import CAPABILITY_LABELS, RlController
 from servicer.shm import ConsumedSegments
 from vlm_proto import vllm_engine_pb2 as pb, vllm_engine_pb2_grpc as pb_grpc
 
@@ -59,6 +60,8 @@ class Server:
         self.config = config
         self.metrics_port: int | None = None
         self.control_port: int | None = None
+        self.registration: GatewayRegistration | None = None
+        self._registering: asyncio.Task | None = None
 
     async def start(self) -> None:
         if self.config.metrics_port is not None:
@@ -70,8 +73,27 @@ class Server:
             self.control_port = await self.control.start(self.config.control_host, self.config.control_port)
             logger.info("RL control endpoint on http://%s:%d (%s)", self.config.control_host, self.control_port,
                         "bearer key required" if self.config.control_api_key else "no key: loopback only")
+        if self.config.register_with:
+            self._register()
         await self._set_serving(health_pb2.HealthCheckResponse.SERVING)
         logger.info("serving %s on %s:%d", self.engine.info.served_model_name, self.config.host, self.port)
+
+    def _register(self) -> None:
+        """Keep this worker's entry in the gateway labelled (servicer/registrar.py)."""
+        host, config = self.config.advertised_host, self.config
+
+        async def labels() -> dict[str, str]:
+            current = {**dict(config.register_labels), "weight_version": await self.engine.control.weight_version()}
+            if self.control is not None:
+                current |= CAPABILITY_LABELS | {"rl.control_url": f"http://{host}:{self.control_port}"}
+            return current
+
+        self.registration = GatewayRegistration(config.register_with, f"grpc://{host}:{self.port}", labels,
+                                                config.control_api_key, config.gateway_api_key,
+                                                config.register_interval_s)
+        self.rl.on_weights_changed.append(self.registration.wake)
+        self._registering = asyncio.create_task(self.registration.run(), name="gateway-registration")
+        logger.info("keeping grpc://%s:%d registered with %s", host, self.port, config.register_with)
 
     async def _set_serving(self, status) -> None:
         for name in ("", SERVICE_NAME):
@@ -84,6 +106,7 @@ class Server:
         until in-flight calls are done or the timeout passes; whatever is left is cancelled.
         """
         await self._set_serving(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await stop_registration(self._registering)
         self.servicer.draining = True
         deadline = time.monotonic() + self.config.drain_timeout_s
         logger.info("draining %d in-flight requests (up to %.0f s)", len(self.servicer.in_flight), self.config.drain_timeout_s)

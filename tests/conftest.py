@@ -61,6 +61,7 @@ async def engine(model_path, profile_dir, kv_events_config):
 @contextlib.asynccontextmanager
 async def _serve(engine, model, **overrides):
     from servicer.config import ServerConfig
+    from servicer.registrar import stop as stop_registration
     from servicer.server import create_server
 
     server = await create_server(ServerConfig(model=str(model), port=0, drain_timeout_s=1.0, **overrides), engine)
@@ -70,6 +71,7 @@ async def _serve(engine, model, **overrides):
         await server.grpc.stop(0)
         if server.control is not None:
             await server.control.stop()
+        await stop_registration(server._registering)
         server.servicer.close()
 
 

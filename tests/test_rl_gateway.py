@@ -68,6 +68,13 @@ def _check(answer: dict, oracle: Oracle, text: str, image=None) -> None:
     assert got and all(abs(a - b) < LOGPROB_TOLERANCE for a, b in zip(got, expected)), (got, expected)
 
 
+async def _until(predicate, what: str, timeout: float = 60.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await asyncio.to_thread(predicate):
+        assert asyncio.get_running_loop().time() < deadline, f"never saw: {what}"
+        await asyncio.sleep(0.2)
+
+
 def _cached(answer: dict) -> int:
     return (answer["usage"].get("prompt_tokens_details") or {}).get("cached_tokens", 0)
 
@@ -106,6 +113,9 @@ async def test_refit_through_smg_serves_the_new_weights_on_every_worker(cluster,
         for worker in cluster.workers:
             info = worker.wait_serving(30)
             assert (info.weight_version, info.checkpoint_path) == ("shifted-1", str(SHIFTED_MODEL))
+        # Each worker's registration (--register-with) updates its weight_version label in SMG after the refit.
+        await _until(lambda: [w.weight_version for w in rl.workers()] == ["shifted-1", "shifted-1"],
+                     f"SMG listing the new version: {[w.weight_version for w in rl.workers()]}")
 
         result = rl.fanout("update_weights_from_disk", {"model_path": str(SHAPES_MODEL), "weight_version": "default"},
                            selector=rl_loop.SELECTOR)
