@@ -122,9 +122,9 @@ class Engine:
         return cls(llm, stats)
 
     def stamp_ids(self, seconds: float) -> tuple[int, ...]:
-        """A Qwen3-VL frame's timestamp as its processor writes it, encoded on its own (vLLM's
-        `_get_video_repl` does the same, so stamps never merge with neighbouring text)."""
-        return tuple(self._tokenizer.encode(f"<{seconds:.1f} seconds>", add_special_tokens=False))
+        """A video frame's timestamp as the family's processor writes it, encoded on its own (vLLM does the
+        same, so stamps never merge with neighbouring text)."""
+        return tuple(self._tokenizer.encode(self.info.family.stamp_text(seconds), add_special_tokens=False))
 
     def prepare_pixels(self, pixels):
         """Pixels as the vision tower takes them (CPU-bound: call off the event loop)."""
@@ -170,7 +170,8 @@ class Engine:
         return Embedding(tuple(final.outputs.data.float().tolist()), len(final.prompt_token_ids))
 
     def _engine_input(self, request: EngineRequest):
-        return build_engine_input(request, self._mm_processor, self._publish if self.shares_mm_by_shm else None)
+        return build_engine_input(request, self._mm_processor, self._publish if self.shares_mm_by_shm else None,
+                                  self.info.family)
 
     def _check_constraint(self, constraint: Constraint | None) -> None:
         """The backend's verdict on the constraint alone, so its errors name the constraint's field

@@ -1,12 +1,17 @@
 """Read what the servicer must know about the model from vLLM's resolved config."""
 
+import logging
+
 from vllm.config import VllmConfig
 from vllm.model_executor.layers.fusion.mm_input_norm import _load_norm_params
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.encoder_budget import MultiModalBudget
 
+from engine_adapter.families import Family, family_for
 from engine_adapter.pixels import PixelNorm
 from engine_adapter.types import ModelInfo
+
+logger = logging.getLogger(__name__)
 
 
 # Sampling defaults a generation config may set that the wire's SamplingParams carries.
@@ -20,11 +25,15 @@ def _token_ids(value) -> tuple[int, ...]:
     return tuple(value) if isinstance(value, (list, tuple)) else (int(value),)
 
 
-def _patch_dim(vision) -> int:
-    if vision is None:
-        return 0
-    channels = getattr(vision, "in_channels", None) or getattr(vision, "in_chans", 3)
-    return channels * getattr(vision, "temporal_patch_size", 1) * getattr(vision, "patch_size", 14) ** 2
+def _family(model) -> Family | None:
+    """The served model's family; an unregistered multimodal model is served as text only."""
+    if not model.is_multimodal_model:
+        return None
+    family = family_for(model.architectures, model.hf_config.model_type)
+    if family is None:
+        logger.warning("%s (%s) is not a registered model family (engine_adapter/families): serving text only, "
+                       "images and videos are refused", model.model, ", ".join(model.architectures))
+    return family
 
 
 def _encoder_budget(config: VllmConfig) -> int:
@@ -43,7 +52,8 @@ def model_info(config: VllmConfig, tokenizer, log_requests: bool = False) -> Mod
     model = config.model_config
     hf = model.hf_config
     text = hf.get_text_config()
-    vision = getattr(hf, "vision_config", None)
+    family = _family(model)
+    tokens = family.token_ids(hf) if family else dict.fromkeys(("image_pad", "video_pad", "vision_start", "vision_end"))
     mm = model.multimodal_config
     limits = {}
     if mm is not None:
@@ -62,15 +72,14 @@ def model_info(config: VllmConfig, tokenizer, log_requests: bool = False) -> Mod
         eos_token_ids=eos,
         bos_token_id=int(getattr(text, "bos_token_id", None) or -1),
         pad_token_id=int(getattr(text, "pad_token_id", None) or -1),
-        image_token_id=getattr(hf, "image_token_id", None),
-        video_token_id=getattr(hf, "video_token_id", None),
-        # Qwen3-VL's M-RoPE finds each frame's <|vision_start|> from the range's offset.
-        video_frames_layout=hf.model_type.startswith("qwen3"),
-        vision_start_token_id=getattr(hf, "vision_start_token_id", None),
-        vision_end_token_id=getattr(hf, "vision_end_token_id", None),
-        spatial_merge_size=getattr(vision, "spatial_merge_size", 1) if vision is not None else 1,
-        patch_dim=_patch_dim(vision),
-        supports_vision=model.is_multimodal_model,
+        family=family,
+        image_token_id=tokens["image_pad"],
+        video_token_id=tokens["video_pad"],
+        vision_start_token_id=tokens["vision_start"],
+        vision_end_token_id=tokens["vision_end"],
+        spatial_merge_size=family.merge_size(hf.vision_config) if family else 1,
+        patch_dim=family.patch_dim(hf.vision_config) if family else 0,
+        supports_vision=family is not None,
         mm_item_limits=limits,
         device_normalizes_pixels=bool(mm is not None and mm.mm_device_do_normalize),
         dtype=model.dtype,

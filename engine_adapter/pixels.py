@@ -1,7 +1,8 @@
 """Bring gateway pixels to the form the engine's vision tower takes, in one cast.
 
-vLLM 0.32 normalizes on the device for Qwen-VL (`mm_device_do_normalize`): the
-tower then expects raw 0..255 values, ideally uint8 (4x fewer bytes to move).
+vLLM 0.32 normalizes on the device for the models that support it
+(`mm_device_do_normalize`): the tower then expects raw 0..255 values, ideally uint8
+(4x fewer bytes to move).
 Gateways send either raw uint8 patches or normalized floats, so:
 
   engine normalizes, uint8 in  -> passed through untouched
@@ -34,7 +35,7 @@ class PixelNorm:
 
 
 def _per_channel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    # Patches are laid out [patch, channel, t, h, w] flattened, as HF's Qwen-VL processors do.
+    # Patch rows are [channel, rest] flattened, as vLLM's device-side norm reads them.
     patches, size = x.shape
     channels = weight.numel()
     x = x.reshape(patches, channels, size // channels)
