@@ -6,17 +6,15 @@ import numpy as np
 import torch
 from PIL import Image
 
+from engine_adapter.families import FAMILIES
 from servicer.tensors import encode_tensor
 from vlm_proto import common_pb2, vllm_engine_pb2 as pb
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-MODEL = ROOT / "models" / "tiny-qwen2-vl"  # random weights, built on first use: the mechanics tests
+# Random weights per registered family, with video, built by `make model` (tinyvlm.build --all).
+FAMILY_MODELS = {f.model_types[0]: ROOT / f.tiny.folder for f in FAMILIES}
+MODEL = FAMILY_MODELS["qwen2_vl"]  # the mechanics tests' model
 SHAPES_MODEL = ROOT / "models" / "tiny-qwen2-vl-shapes"  # trained, committed: tests of what the model sees
-FAMILY_MODELS = {  # random weights per family, with video, built on first use (tinyvlm.build --family)
-    "qwen2_vl": MODEL,
-    "qwen2_5_vl": ROOT / "models" / "tiny-qwen2.5-vl",
-    "qwen3_vl": ROOT / "models" / "tiny-qwen3-vl",
-}
 # CPU-engine flags for the tiny model: float32 for HF parity, a small KV reservation.
 ENGINE_ARGS = (
     "--dtype", "float32", "--max-model-len", "4096", "--enforce-eager",
