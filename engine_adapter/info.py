@@ -2,10 +2,11 @@
 
 import logging
 
-from vllm.config import VllmConfig
-from vllm.model_executor.layers.fusion.mm_input_norm import _load_norm_params
+from vllm.config import VllmConfig, set_current_vllm_config
+from vllm.model_executor.layers.fusion.mm_input_norm import FusedMMInputNorm, build_mm_input_norm
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.encoder_budget import MultiModalBudget
+from vllm.transformers_utils.processor import cached_image_processor_from_config
 
 from engine_adapter.families import Family, family_for
 from engine_adapter.pixels import PixelNorm
@@ -114,11 +115,24 @@ def model_info(config: VllmConfig, tokenizer, log_requests: bool = False) -> Mod
 
 
 def pixel_norm(config: VllmConfig) -> PixelNorm | None:
-    """The engine's own resolution of rescale/mean/std (what its device-side norm applies)."""
-    if not config.model_config.is_multimodal_model:
+    """Raw 0..255 pixels to what the tower takes: with device-side normalisation, the transform vLLM's tower
+    applies (build_mm_input_norm, which reads the current config); otherwise the image processor's that
+    vLLM would run on the host (its do_rescale/do_normalize then say what it does)."""
+    model = config.model_config
+    if not model.is_multimodal_model:
         return None
-    params = _load_norm_params(config.model_config)
-    return PixelNorm(tuple(params.image_mean), tuple(params.image_std), params.rescale_factor)
+    if model.multimodal_config.mm_device_do_normalize:
+        with set_current_vllm_config(config):
+            norm = build_mm_input_norm(model)
+        if not isinstance(norm, FusedMMInputNorm):  # the identity: the tower only casts
+            return PixelNorm((0.0,) * 3, (1.0,) * 3, 1.0)
+        return PixelNorm.from_affine(tuple(norm.weight.tolist()), tuple(norm.bias.tolist()))
+    processor = cached_image_processor_from_config(model)
+    rescale = float(processor.rescale_factor) if processor.do_rescale else 1.0
+    if not processor.do_normalize:
+        return PixelNorm((0.0,) * 3, (1.0,) * 3, rescale)
+    per_channel = lambda v: tuple(map(float, v)) if isinstance(v, (list, tuple)) else (float(v),) * 3  # noqa: E731
+    return PixelNorm(per_channel(processor.image_mean), per_channel(processor.image_std), rescale)
 
 
 def ordinary_token_ids(tokenizer, vocab_size: int) -> tuple[int, ...]:

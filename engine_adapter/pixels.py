@@ -26,6 +26,11 @@ class PixelNorm:
     std: tuple[float, ...]
     rescale_factor: float
 
+    @classmethod
+    def from_affine(cls, weight: tuple[float, ...], bias: tuple[float, ...]) -> "PixelNorm":
+        """The norm whose affine() is (weight, bias), as vLLM's device-side norm holds it."""
+        return cls(tuple(-b / w for w, b in zip(weight, bias)), tuple(1.0 / w for w in weight), 1.0)
+
     @functools.cache
     def affine(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(weight, bias) per channel of `normalized = raw * weight + bias` (built once; never written to)."""
