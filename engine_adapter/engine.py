@@ -42,7 +42,8 @@ def parse_engine_args(model: str, argv: Sequence[str], mm_shm_gb: float | None =
     """vLLM's own engine flags, parsed by vLLM's own parser (raises SystemExit on bad flags).
 
     `mm_shm_gb` sizes the shared-memory ring images are published into when
-    `--mm-processor-cache-type shm` is on (it is vLLM's `mm_processor_cache_gb` there).
+    `--mm-processor-cache-type shm` is on (it is vLLM's `mm_processor_cache_gb` there; None keeps
+    vLLM's, and the servicer's config refuses both).
     """
     parser = AsyncEngineArgs.add_cli_args(FlexibleArgumentParser(prog="vlm-servicer serve"))
     namespace = parser.parse_args(["--model", model, *argv])
@@ -195,7 +196,7 @@ class Engine:
         if sizes and (max(sizes) > self._shm_item_bytes or sum(sizes) > self._shm_bytes):
             raise EngineCapacityError(
                 f"images and videos need {sum(sizes)} bytes of shared memory (largest {max(sizes)}); the ring "
-                f"holds {self._shm_bytes} (--mm-shm-gb) and {self._shm_item_bytes} per item "
+                f"holds {self._shm_bytes} (--mm-shm-gb or --mm-processor-cache-gb) and {self._shm_item_bytes} per item "
                 "(--mm-shm-cache-max-object-size-mb)")
         held = []  # each item written or found takes a writer hold, released as the ranks read it
         for modality, i, h in slots:
@@ -203,7 +204,7 @@ class Engine:
             if not cache.is_cached_item(h):  # the ring is full of items the ranks have not read yet
                 release_holds(cache, held)
                 raise EngineCapacityError(
-                    f"the shared-memory ring ({self._shm_bytes} bytes, --mm-shm-gb) is full of items "
+                    f"the shared-memory ring ({self._shm_bytes} bytes, --mm-shm-gb or --mm-processor-cache-gb) is full of items "
                     "in flight; retry shortly")
             held.append(hold_id(items[modality][i]))
         self._llm.renderer.update_mm_cache_stats()
