@@ -3,8 +3,6 @@ VENV  ?= .venv
 PY    := $(VENV)/bin/python
 # The default: a tiny Qwen2-VL trained to read shapes (committed; `make shapes-model` retrains it).
 MODEL ?= models/tiny-qwen2-vl-shapes
-# Random weights, built on first use: what the mechanics tests run on.
-RANDOM_MODEL := models/tiny-qwen2-vl
 HOST  ?= 127.0.0.1
 PORT  ?= 50051
 ARGS  ?=
@@ -33,15 +31,10 @@ $(SETUP_STAMP): pyproject.toml scripts/setup_venv.sh scripts/fix_torchvision.py
 $(PROTO_OUT): proto/vlm_proto/*.proto $(SETUP_STAMP)
 	$(PY) -m grpc_tools.protoc -I proto --python_out=proto --pyi_out=proto --grpc_python_out=proto proto/vlm_proto/*.proto
 
-# The random tiny checkpoints, one per family (rebuilt when their recipe changes).
-model: $(RANDOM_MODEL)/RECIPE models/tiny-qwen2.5-vl/RECIPE models/tiny-qwen3-vl/RECIPE
-
-$(RANDOM_MODEL)/RECIPE: tinyvlm/build.py tinyvlm/tokenizer.py | setup
-	$(PY) -m tinyvlm.build --family qwen2_vl --out $(RANDOM_MODEL)
-models/tiny-qwen2.5-vl/RECIPE: tinyvlm/build.py tinyvlm/tokenizer.py | setup
-	$(PY) -m tinyvlm.build --family qwen2_5_vl
-models/tiny-qwen3-vl/RECIPE: tinyvlm/build.py tinyvlm/tokenizer.py | setup
-	$(PY) -m tinyvlm.build --family qwen3_vl
+# The random tiny checkpoints, one per registered family (engine_adapter/families), each built into the
+# folder its recipe names; rebuilt when the recipe, tinyvlm/build.py or tinyvlm/tokenizer.py changes.
+model: setup
+	$(PY) -m tinyvlm.build --all
 
 # The committed "after one training step" checkpoint for RL refits (tests, examples/rl_loop.py): 150 optimizer
 # steps from the trained default towards shifted answers (about a minute on 2 CPU cores).
@@ -79,5 +72,6 @@ bench-replicas: setup model
 loadtest: setup
 	HOST=$(HOST) PORT=$(PORT) VENV=$(VENV) bash bench/loadtest.sh
 
+# The random checkpoints are every models/ folder whose RECIPE is a random recipe's (the trained one stays).
 clean:
-	rm -rf $(VENV) $(RANDOM_MODEL) models/tiny-qwen2.5-vl models/tiny-qwen3-vl proto/vlm_proto/*_pb2*.py proto/vlm_proto/*_pb2.pyi
+	rm -rf $(VENV) $(dir $(shell grep -l -- "-random-" models/*/RECIPE 2>/dev/null)) proto/vlm_proto/*_pb2*.py proto/vlm_proto/*_pb2.pyi

@@ -6,32 +6,18 @@ cache but not the scheduler's record of it, and a weight transfer resets neither
 the KV of requests frozen by a `keep` pause were computed by the old weights too.
 """
 
-import contextlib
 import logging
 from typing import Any
 
 from vllm.distributed.weight_transfer.base import WeightTransferInitRequest, WeightTransferUpdateRequest
 from vllm.v1.engine.async_llm import AsyncLLM
-from vllm.v1.engine.exceptions import EngineDeadError as VllmEngineDeadError
 
 from engine_adapter.checkpoint import check_replaceable
-from engine_adapter.errors import EngineDeadError, EngineOperationError, EngineRequestError, EngineStateError
+from engine_adapter.errors import EngineOperationError, EngineRequestError, EngineStateError
 from engine_adapter.types import PAUSE_MODES
+from engine_adapter.vllm_errors import engine_errors
 
 logger = logging.getLogger(__name__)
-
-
-@contextlib.contextmanager
-def _operation(what: str):
-    """An engine-core call's failure as our own type (vLLM reports them as plain Exceptions)."""
-    try:
-        yield
-    except VllmEngineDeadError as exc:
-        raise EngineDeadError(str(exc)) from exc
-    except (EngineRequestError, EngineStateError, EngineOperationError):
-        raise
-    except Exception as exc:
-        raise EngineOperationError(f"{what} failed in the engine: {exc}") from exc
 
 
 class EngineControl:
@@ -49,15 +35,15 @@ class EngineControl:
         New requests queue in the engine until `resume`."""
         if mode not in PAUSE_MODES:
             raise EngineRequestError(f"mode: {mode!r} is not one of {', '.join(PAUSE_MODES)}")
-        with _operation("pause"):
+        with engine_errors(operation="pause"):
             await self._llm.pause_generation(mode=mode, clear_cache=clear_cache)
 
     async def resume(self) -> None:
-        with _operation("resume"):
+        with engine_errors(operation="resume"):
             await self._llm.resume_generation()
 
     async def is_paused(self) -> bool:
-        with _operation("is_paused"):
+        with engine_errors(operation="is_paused"):
             return await self._llm.is_paused()
 
     async def sleep(self, level: int, mode: str = "abort") -> None:
@@ -69,29 +55,29 @@ class EngineControl:
         if level > 0 and not self.sleep_mode:
             raise EngineStateError(f"level: sleep level {level} frees device memory, which needs the engine started "
                                    "with --enable-sleep-mode (CUDA only); level 0 pauses scheduling alone")
-        with _operation("sleep"):
+        with engine_errors(operation="sleep"):
             await self._llm.sleep(level, mode)
 
     async def wake_up(self, tags: list[str] | None = None) -> bool:
-        with _operation("wake_up"):
+        with engine_errors(operation="wake_up"):
             return await self._llm.wake_up(tags)
 
     async def is_sleeping(self) -> bool:
-        with _operation("is_sleeping"):
+        with engine_errors(operation="is_sleeping"):
             return await self._llm.is_sleeping()
 
     async def reset_prefix_cache(self, reset_running_requests: bool = False, reset_external: bool = False) -> bool:
-        with _operation("reset_prefix_cache"):
+        with engine_errors(operation="reset_prefix_cache"):
             return await self._llm.reset_prefix_cache(reset_running_requests, reset_external)
 
     async def reset_encoder_cache(self) -> None:
-        with _operation("reset_encoder_cache"):
+        with engine_errors(operation="reset_encoder_cache"):
             await self._llm.reset_encoder_cache()
 
     async def forget_old_weights(self) -> None:
         """Drop everything the previous weights computed: every prefix-cache block (running requests are
         preempted and recompute their KV when they next run) and every cached vision embedding."""
-        with _operation("dropping the caches computed by the previous weights"):
+        with engine_errors(operation="dropping the caches computed by the previous weights"):
             await self._llm.reset_prefix_cache(reset_running_requests=True)
             await self._llm.reset_encoder_cache()
 
@@ -104,14 +90,14 @@ class EngineControl:
         checkpoint is loaded back, so the engine never serves half of each."""
         previous = self.checkpoint
         try:
-            with _operation(f"reloading weights from {path}"):
+            with engine_errors(operation=f"reloading weights from {path}"):
                 await self._llm.collective_rpc("reload_weights", kwargs={"weights_path": path,
                                                                           "is_checkpoint_format": True})
             self.checkpoint = path
         except EngineOperationError as failure:
             logger.error("refit from %s failed (%s); loading %s back", path, failure, previous)
             try:
-                with _operation(f"restoring weights from {previous}"):
+                with engine_errors(operation=f"restoring weights from {previous}"):
                     await self._llm.collective_rpc("reload_weights", kwargs={"weights_path": previous,
                                                                               "is_checkpoint_format": True})
             except EngineOperationError as restore_failure:
@@ -128,24 +114,24 @@ class EngineControl:
 
     async def init_weight_transfer(self, init_info: dict[str, Any]) -> None:
         self.require_weight_transfer()
-        with _operation("init_weight_transfer_engine"):
+        with engine_errors(operation="init_weight_transfer_engine"):
             await self._llm.init_weight_transfer_engine(WeightTransferInitRequest(init_info=init_info))
 
     async def start_weight_update(self) -> None:
         self.require_weight_transfer()
-        with _operation("start_weight_update"):
+        with engine_errors(operation="start_weight_update"):
             await self._llm.start_weight_update()
 
     async def update_weights(self, update_info: dict[str, Any] | list[dict[str, Any]]) -> None:
         self.require_weight_transfer()
-        with _operation("update_weights"):
+        with engine_errors(operation="update_weights"):
             await self._llm.update_weights(WeightTransferUpdateRequest(update_info=update_info))
 
     async def finish_weight_update(self, weight_version: str | None = None) -> None:
         """Commit a transfer's weights, drop what the old ones computed, then label them."""
         self.require_weight_transfer()
         try:
-            with _operation("finish_weight_update"):
+            with engine_errors(operation="finish_weight_update"):
                 await self._llm.finish_weight_update()
         finally:
             await self.forget_old_weights()
@@ -153,14 +139,14 @@ class EngineControl:
             await self.set_weight_version(weight_version)
 
     async def weight_version(self) -> str:
-        with _operation("get_weight_version"):
+        with engine_errors(operation="get_weight_version"):
             return await self._llm.get_weight_version()
 
     async def set_weight_version(self, version: str) -> None:
-        with _operation("update_weight_version"):
+        with engine_errors(operation="update_weight_version"):
             await self._llm.update_weight_version(version)
 
     async def collective_rpc(self, method: str, args: tuple = (), kwargs: dict | None = None,
                              timeout: float | None = None) -> list:
-        with _operation(f"collective_rpc {method}"):
+        with engine_errors(operation=f"collective_rpc {method}"):
             return await self._llm.collective_rpc(method, timeout=timeout, args=args, kwargs=kwargs)

@@ -5,7 +5,6 @@ sees a vLLM object.
 """
 
 import asyncio
-import contextlib
 import logging
 import os
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
@@ -13,23 +12,22 @@ from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 import vllm
 from vllm import PoolingParams, SamplingParams
 from vllm.engine.arg_utils import AsyncEngineArgs
-from vllm.exceptions import GracefulHTTPError, ProfilerAlreadyActiveError, VLLMClientError, VLLMValidationError
 from vllm.utils.argparse_utils import FlexibleArgumentParser
 from vllm.v1.engine.async_llm import AsyncLLM
-from vllm.v1.engine.exceptions import EngineDeadError as VllmEngineDeadError
 from vllm.v1.metrics.loggers import PrometheusStatLogger, StatLoggerBase
 
 from engine_adapter.errors import (
-    EngineCapacityError, EngineDeadError, EngineRequestError, EngineRetryableError, EngineStateError,
+    EngineCapacityError, EngineRequestError, EngineRetryableError, EngineStateError,
 )
 from engine_adapter.control import EngineControl
+from engine_adapter.vllm_errors import engine_errors
 from engine_adapter.info import model_info, ordinary_token_ids, pixel_norm
 from engine_adapter.kv_events import KvEventRelay
 from engine_adapter.outputs import to_step_output
 from engine_adapter.pixels import prepare_pixels
 from engine_adapter.prompt import build_engine_input
-from engine_adapter.sampling import SAMPLING_FIELDS, structured_outputs, to_sampling_params
-from engine_adapter.shm_ring import claim_ring_name
+from engine_adapter.sampling import structured_outputs, to_sampling_params
+from engine_adapter.shm_ring import claim_ring_name, hold_id, release_holds
 from engine_adapter.vllm_plugins import SHM_RECHECK_ENV
 from engine_adapter.types import (
     Constraint, Embedding, EngineRequest, EngineStats, KvBatch, ModelInfo, RankLoad, SamplingOptions,
@@ -43,7 +41,8 @@ def parse_engine_args(model: str, argv: Sequence[str], mm_shm_gb: float | None =
     """vLLM's own engine flags, parsed by vLLM's own parser (raises SystemExit on bad flags).
 
     `mm_shm_gb` sizes the shared-memory ring images are published into when
-    `--mm-processor-cache-type shm` is on (it is vLLM's `mm_processor_cache_gb` there).
+    `--mm-processor-cache-type shm` is on (it is vLLM's `mm_processor_cache_gb` there; None keeps
+    vLLM's, and the servicer's config refuses both).
     """
     parser = AsyncEngineArgs.add_cli_args(FlexibleArgumentParser(prog="vlm-servicer serve"))
     namespace = parser.parse_args(["--model", model, *argv])
@@ -79,14 +78,14 @@ class _StatsRecorder(StatLoggerBase):
         pass
 
 
-def _drop_prometheus_logger(llm: AsyncLLM) -> None:
-    """Remove vLLM's Prometheus stat logger, which AsyncLLM always adds and this servicer never exports
-    (it has its own /metrics): observing per-token histograms, it cost about a fifth of the front end's CPU per
-    short request. vLLM has no switch for it short of dropping all stats, which GetLoads needs; pinned by
-    test_metrics.py::test_request_log_line_follows_vllms_flag."""
-    manager = llm.logger_manager  # private to AsyncLLM (vLLM 0.32)
-    if manager is not None:
-        manager.stat_loggers = [s for s in manager.stat_loggers if not isinstance(s, PrometheusStatLogger)]
+class _UnexportedPrometheus(PrometheusStatLogger):
+    """Stands in for vLLM's Prometheus stat logger, which this servicer never exports (it has its own
+    /metrics): observing per-token histograms, it cost about a fifth of the front end's CPU per short
+    request. vLLM adds its own unless it is given one of this class (StatLoggerManager), and has no other
+    switch short of dropping all stats, which GetLoads needs. Tested by test_metrics.py."""
+
+    def record(self, *args, **kwargs) -> None:
+        pass
 
 
 class Engine:
@@ -119,14 +118,14 @@ class Engine:
         os.environ.setdefault(SHM_RECHECK_ENV, "20")
         if args.mm_processor_cache_type == "shm":
             logger.info("multimodal items shared with the engine's ranks through shared memory ring %s", claim_ring_name())
-        llm = AsyncLLM.from_engine_args(args, stat_loggers=[lambda config, index=0: _StatsRecorder(stats, index)])
-        _drop_prometheus_logger(llm)
+        llm = AsyncLLM.from_engine_args(
+            args, stat_loggers=[lambda config, index=0: _StatsRecorder(stats, index), _UnexportedPrometheus])
         return cls(llm, stats)
 
     def stamp_ids(self, seconds: float) -> tuple[int, ...]:
-        """A Qwen3-VL frame's timestamp as its processor writes it, encoded on its own (vLLM's
-        `_get_video_repl` does the same, so stamps never merge with neighbouring text)."""
-        return tuple(self._tokenizer.encode(f"<{seconds:.1f} seconds>", add_special_tokens=False))
+        """A video frame's timestamp as the family's processor writes it, encoded on its own (vLLM does the
+        same, so stamps never merge with neighbouring text)."""
+        return tuple(self._tokenizer.encode(self.info.family.stamp_text(seconds), add_special_tokens=False))
 
     def prepare_pixels(self, pixels):
         """Pixels as the vision tower takes them (CPU-bound: call off the event loop)."""
@@ -139,19 +138,17 @@ class Engine:
         it on CancelledError/GeneratorExit); vLLM's errors surface as our own types.
         """
         options = request.sampling
-        try:
+        with engine_errors():
             sampling = to_sampling_params(options, final_only=not request.stream)
-        except VLLMValidationError as exc:
-            raise _request_error(exc) from exc
         if request.kv_transfer_params is not None:  # where vLLM's connectors read it
             sampling.extra_args = {**(sampling.extra_args or {}), "kv_transfer_params": request.kv_transfer_params}
         self._check_constraint(options.constraint)
-        engine_input = self._engine_input(request)
         # A gateway that shaped the grammar to start at the first token says so; vLLM would
         # otherwise hold it back until its reasoning parser has seen the thought's end.
         reasoning_ended = True if options.grammar_from_first_token and options.constraint else None
         first = True
-        with _engine_errors():
+        with engine_errors():
+            engine_input = self._engine_input(request)
             async for output in self._llm.generate(engine_input, sampling, request.request_id,
                                                    reasoning_ended=reasoning_ended,
                                                    data_parallel_rank=request.data_parallel_rank):
@@ -162,9 +159,9 @@ class Engine:
 
     async def embed(self, request: EngineRequest) -> Embedding:
         """Pool one prompt with the model's pooler (vLLM's `--runner pooling`); cancelling aborts it."""
-        engine_input = self._engine_input(request)
         final = None
-        with _engine_errors():
+        with engine_errors():
+            engine_input = self._engine_input(request)
             async for output in self._llm.encode(engine_input, PoolingParams(task="embed"), request.request_id):
                 final = output
         if final is None or not final.finished:
@@ -172,7 +169,8 @@ class Engine:
         return Embedding(tuple(final.outputs.data.float().tolist()), len(final.prompt_token_ids))
 
     def _engine_input(self, request: EngineRequest):
-        return build_engine_input(request, self._mm_processor, self._publish if self.shares_mm_by_shm else None)
+        return build_engine_input(request, self._mm_processor, self._publish if self.shares_mm_by_shm else None,
+                                  self.info.family)
 
     def _check_constraint(self, constraint: Constraint | None) -> None:
         """The backend's verdict on the constraint alone, so its errors name the constraint's field
@@ -180,12 +178,10 @@ class Engine:
         if constraint is None:
             return
         config = self._llm.vllm_config
-        try:
+        with engine_errors(parameter=constraint.kind):
             probe = SamplingParams(structured_outputs=structured_outputs(constraint))
             probe.verify(config.model_config, config.speculative_config, config.structured_outputs_config,
                          self._tokenizer)
-        except (VLLMValidationError, ValueError) as exc:  # ValueError: a NUL in a regex, and the like
-            raise _request_error(exc, constraint.kind) from exc
 
     def _publish(self, hashes: dict[str, list[str]], items: dict[str, list]) -> None:
         """Write each new identity's item into the ring once; items become addresses.
@@ -200,19 +196,17 @@ class Engine:
         if sizes and (max(sizes) > self._shm_item_bytes or sum(sizes) > self._shm_bytes):
             raise EngineCapacityError(
                 f"images and videos need {sum(sizes)} bytes of shared memory (largest {max(sizes)}); the ring "
-                f"holds {self._shm_bytes} (--mm-shm-gb) and {self._shm_item_bytes} per item "
+                f"holds {self._shm_bytes} (--mm-shm-gb or --mm-processor-cache-gb) and {self._shm_item_bytes} per item "
                 "(--mm-shm-cache-max-object-size-mb)")
-        store = cache._shm_cache  # vLLM's SingleWriterShmObjectStorage: holds are its writer flags
-        held = []
+        held = []  # each item written or found takes a writer hold, released as the ranks read it
         for modality, i, h in slots:
             items[modality][i], _ = cache.get_and_update_item((items[modality][i], []), h)
             if not cache.is_cached_item(h):  # the ring is full of items the ranks have not read yet
-                for monotonic_id in held:
-                    store.writer_flag[monotonic_id] -= 1
+                release_holds(cache, held)
                 raise EngineCapacityError(
-                    f"the shared-memory ring ({self._shm_bytes} bytes, --mm-shm-gb) is full of items "
+                    f"the shared-memory ring ({self._shm_bytes} bytes, --mm-shm-gb or --mm-processor-cache-gb) is full of items "
                     "in flight; retry shortly")
-            held.append(store.key_index[h][1])
+            held.append(hold_id(items[modality][i]))
         self._llm.renderer.update_mm_cache_stats()
         self.stats.mm_items_published += len(sizes)
         self.stats.mm_items_reused += len(slots) - len(sizes)
@@ -220,15 +214,14 @@ class Engine:
     async def start_profile(self, start_step: int | None = None, num_steps: int | None = None) -> None:
         """Start vLLM's profiler (as configured by --profiler-config) on every rank."""
         self._require_profiler()
-        try:
+        with engine_errors():
             await self._llm.start_profile(delay_iterations=start_step, max_iterations=num_steps)
-        except ProfilerAlreadyActiveError as exc:
-            raise EngineStateError("a profile is already running: call StopProfile first") from exc
 
     async def stop_profile(self) -> None:
         """Stop the profiler and write its traces (under the configured directory)."""
         self._require_profiler()
-        await self._llm.stop_profile()
+        with engine_errors():
+            await self._llm.stop_profile()
 
     def _require_profiler(self) -> None:
         if not self.info.profiler:
@@ -238,7 +231,8 @@ class Engine:
     def start_kv_events(self) -> None:
         """Start relaying the engine's KV events (with --kv-events-config; call on the serving event loop)."""
         if self.info.kv_events and self._kv_relay is None:
-            self._kv_relay = KvEventRelay(self._llm.get_kv_event_sources())
+            with engine_errors():
+                self._kv_relay = KvEventRelay(self._llm.get_kv_event_sources())
 
     def kv_events(self, start: int) -> AsyncGenerator[KvBatch, None]:
         """The engine's KV-cache events after `start` (0: from now on), every data-parallel rank's."""
@@ -247,10 +241,12 @@ class Engine:
         return self._kv_relay.subscribe(start)
 
     async def abort(self, request_ids: Sequence[str]) -> None:
-        await self._llm.abort(list(request_ids))
+        with engine_errors():
+            await self._llm.abort(list(request_ids))
 
     async def reset_prefix_cache(self) -> bool:
-        return await self._llm.reset_prefix_cache()
+        with engine_errors():
+            return await self._llm.reset_prefix_cache()
 
     def num_unfinished_requests(self) -> int:
         """Requests the engine's front end still tracks (0 once everything ended or aborted)."""
@@ -261,10 +257,8 @@ class Engine:
         return self._llm is not None and not self._llm.errored
 
     async def check_health(self) -> None:
-        try:
+        with engine_errors(fatal=True):  # any failure here means the engine core is gone
             await self._llm.check_health()
-        except Exception as exc:  # any failure here means the engine core is gone
-            raise EngineDeadError(str(exc)) from exc
 
     def shutdown(self) -> None:
         """Stop the engine core processes. Idempotent."""
@@ -276,29 +270,6 @@ class Engine:
             # Drop the last reference now: AsyncLLM.__del__ shuts down again, which fails
             # if it only runs at interpreter exit, after vLLM's modules are torn down.
             self._llm = None
-
-
-@contextlib.contextmanager
-def _engine_errors():
-    """vLLM's errors as our own types: the one place an engine call's failure is translated."""
-    try:
-        yield
-    except VllmEngineDeadError as exc:
-        raise EngineDeadError(str(exc)) from exc
-    except VLLMClientError as exc:
-        raise _request_error(exc) from exc
-    except GracefulHTTPError as exc:  # admission control: the queue or the prefill backlog is full
-        raise EngineCapacityError(exc.message) from exc
-
-
-def _request_error(exc: Exception, parameter: str | None = None) -> EngineRequestError:
-    """vLLM's reason, prefixed with the request field it is about: given, vLLM's `parameter`, or the
-    sampling field its message starts with (SamplingParams' own checks often name no parameter)."""
-    message = exc.args[0] if exc.args else str(exc)
-    parameter = parameter or getattr(exc, "parameter", None)
-    if parameter is None and message.split(" ", 1)[0] in SAMPLING_FIELDS:
-        parameter = message.split(" ", 1)[0]
-    return EngineRequestError(f"{f'sampling_params.{parameter}' if parameter else 'request'}: {message}")
 
 
 def _raise_if_failed(step: StepOutput, options: SamplingOptions) -> None:

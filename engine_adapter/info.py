@@ -1,12 +1,18 @@
 """Read what the servicer must know about the model from vLLM's resolved config."""
 
-from vllm.config import VllmConfig
-from vllm.model_executor.layers.fusion.mm_input_norm import _load_norm_params
+import logging
+
+from vllm.config import VllmConfig, set_current_vllm_config
+from vllm.model_executor.layers.fusion.mm_input_norm import FusedMMInputNorm, build_mm_input_norm
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.encoder_budget import MultiModalBudget
+from vllm.transformers_utils.processor import cached_image_processor_from_config
 
+from engine_adapter.families import Family, family_for
 from engine_adapter.pixels import PixelNorm
 from engine_adapter.types import ModelInfo
+
+logger = logging.getLogger(__name__)
 
 
 # Sampling defaults a generation config may set that the wire's SamplingParams carries.
@@ -20,11 +26,15 @@ def _token_ids(value) -> tuple[int, ...]:
     return tuple(value) if isinstance(value, (list, tuple)) else (int(value),)
 
 
-def _patch_dim(vision) -> int:
-    if vision is None:
-        return 0
-    channels = getattr(vision, "in_channels", None) or getattr(vision, "in_chans", 3)
-    return channels * getattr(vision, "temporal_patch_size", 1) * getattr(vision, "patch_size", 14) ** 2
+def _family(model) -> Family | None:
+    """The served model's family; an unregistered multimodal model is served as text only."""
+    if not model.is_multimodal_model:
+        return None
+    family = family_for(model.architectures, model.hf_config.model_type)
+    if family is None:
+        logger.warning("%s (%s) is not a registered model family (engine_adapter/families): serving text only, "
+                       "images and videos are refused", model.model, ", ".join(model.architectures))
+    return family
 
 
 def _encoder_budget(config: VllmConfig) -> int:
@@ -43,7 +53,8 @@ def model_info(config: VllmConfig, tokenizer, log_requests: bool = False) -> Mod
     model = config.model_config
     hf = model.hf_config
     text = hf.get_text_config()
-    vision = getattr(hf, "vision_config", None)
+    family = _family(model)
+    tokens = family.token_ids(hf) if family else dict.fromkeys(("image_pad", "video_pad", "vision_start", "vision_end"))
     mm = model.multimodal_config
     limits = {}
     if mm is not None:
@@ -62,15 +73,14 @@ def model_info(config: VllmConfig, tokenizer, log_requests: bool = False) -> Mod
         eos_token_ids=eos,
         bos_token_id=int(getattr(text, "bos_token_id", None) or -1),
         pad_token_id=int(getattr(text, "pad_token_id", None) or -1),
-        image_token_id=getattr(hf, "image_token_id", None),
-        video_token_id=getattr(hf, "video_token_id", None),
-        # Qwen3-VL's M-RoPE finds each frame's <|vision_start|> from the range's offset.
-        video_frames_layout=hf.model_type.startswith("qwen3"),
-        vision_start_token_id=getattr(hf, "vision_start_token_id", None),
-        vision_end_token_id=getattr(hf, "vision_end_token_id", None),
-        spatial_merge_size=getattr(vision, "spatial_merge_size", 1) if vision is not None else 1,
-        patch_dim=_patch_dim(vision),
-        supports_vision=model.is_multimodal_model,
+        family=family,
+        image_token_id=tokens["image_pad"],
+        video_token_id=tokens["video_pad"],
+        vision_start_token_id=tokens["vision_start"],
+        vision_end_token_id=tokens["vision_end"],
+        spatial_merge_size=family.merge_size(hf.vision_config) if family else 1,
+        patch_dim=family.patch_dim(hf.vision_config) if family else 0,
+        supports_vision=family is not None,
         mm_item_limits=limits,
         device_normalizes_pixels=bool(mm is not None and mm.mm_device_do_normalize),
         dtype=model.dtype,
@@ -105,11 +115,24 @@ def model_info(config: VllmConfig, tokenizer, log_requests: bool = False) -> Mod
 
 
 def pixel_norm(config: VllmConfig) -> PixelNorm | None:
-    """The engine's own resolution of rescale/mean/std (what its device-side norm applies)."""
-    if not config.model_config.is_multimodal_model:
+    """Raw 0..255 pixels to what the tower takes: with device-side normalisation, the transform vLLM's tower
+    applies (build_mm_input_norm, which reads the current config); otherwise the image processor's that
+    vLLM would run on the host (its do_rescale/do_normalize then say what it does)."""
+    model = config.model_config
+    if not model.is_multimodal_model:
         return None
-    params = _load_norm_params(config.model_config)
-    return PixelNorm(tuple(params.image_mean), tuple(params.image_std), params.rescale_factor)
+    if model.multimodal_config.mm_device_do_normalize:
+        with set_current_vllm_config(config):
+            norm = build_mm_input_norm(model)
+        if not isinstance(norm, FusedMMInputNorm):  # the identity: the tower only casts
+            return PixelNorm((0.0,) * 3, (1.0,) * 3, 1.0)
+        return PixelNorm.from_affine(tuple(norm.weight.tolist()), tuple(norm.bias.tolist()))
+    processor = cached_image_processor_from_config(model)
+    rescale = float(processor.rescale_factor) if processor.do_rescale else 1.0
+    if not processor.do_normalize:
+        return PixelNorm((0.0,) * 3, (1.0,) * 3, rescale)
+    per_channel = lambda v: tuple(map(float, v)) if isinstance(v, (list, tuple)) else (float(v),) * 3  # noqa: E731
+    return PixelNorm(per_channel(processor.image_mean), per_channel(processor.image_std), rescale)
 
 
 def ordinary_token_ids(tokenizer, vocab_size: int) -> tuple[int, ...]:

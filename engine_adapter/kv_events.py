@@ -102,7 +102,8 @@ class KvEventRelay:
             sub.set_hwm(config.hwm)
             sub.setsockopt(zmq.SUBSCRIBE, config.topic.encode())
             # vLLM's publisher binds wildcard and ipc endpoints and connects to any other (tcp://host:port),
-            # which is then the collector's to bind. Its own rule (private), so the two never both connect.
+            # which is then the collector's to bind. Its own rule (private; pinned by tests/test_vllm_private.py),
+            # so the two never both connect.
             joined = None
             if ZmqEventPublisher._is_bind_endpoint(config.endpoint):
                 sub.connect(_reachable(config.endpoint))

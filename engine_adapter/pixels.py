@@ -1,7 +1,8 @@
 """Bring gateway pixels to the form the engine's vision tower takes, in one cast.
 
-vLLM 0.32 normalizes on the device for Qwen-VL (`mm_device_do_normalize`): the
-tower then expects raw 0..255 values, ideally uint8 (4x fewer bytes to move).
+vLLM 0.32 normalizes on the device for the models that support it
+(`mm_device_do_normalize`): the tower then expects raw 0..255 values, ideally uint8
+(4x fewer bytes to move).
 Gateways send either raw uint8 patches or normalized floats, so:
 
   engine normalizes, uint8 in  -> passed through untouched
@@ -25,6 +26,11 @@ class PixelNorm:
     std: tuple[float, ...]
     rescale_factor: float
 
+    @classmethod
+    def from_affine(cls, weight: tuple[float, ...], bias: tuple[float, ...]) -> "PixelNorm":
+        """The norm whose affine() is (weight, bias), as vLLM's device-side norm holds it."""
+        return cls(tuple(-b / w for w, b in zip(weight, bias)), tuple(1.0 / w for w in weight), 1.0)
+
     @functools.cache
     def affine(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(weight, bias) per channel of `normalized = raw * weight + bias` (built once; never written to)."""
@@ -34,7 +40,7 @@ class PixelNorm:
 
 
 def _per_channel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    # Patches are laid out [patch, channel, t, h, w] flattened, as HF's Qwen-VL processors do.
+    # Patch rows are [channel, rest] flattened, as vLLM's device-side norm reads them.
     patches, size = x.shape
     channels = weight.numel()
     x = x.reshape(patches, channels, size // channels)

@@ -1,8 +1,8 @@
 """EngineRequest -> the engine input vLLM takes without running any HF processor.
 
 Text-only prompts are plain token inputs. Each image or video becomes one
-`MultiModalKwargsItem` laid out by the model's own field config (so the same code
-serves every family vLLM registers), keyed by its identity, with its placeholder
+`MultiModalKwargsItem`: its tensors named as the family says (engine_adapter/families),
+laid out by the model's own field config, keyed by its identity, with its placeholder
 range given explicitly: vLLM computes M-RoPE positions and writes embeddings from
 these ranges, never by searching the ids.
 """
@@ -12,37 +12,40 @@ from transformers import BatchFeature
 from vllm.inputs import mm_input, tokens_input
 from vllm.multimodal.inputs import MultiModalKwargsItems, PlaceholderRange
 
+from engine_adapter.families import Family, family_for
 from engine_adapter.types import EngineRequest, MediaItem
 
-# The tensor names each modality's field config expects.
-_PIXELS = {"image": "pixel_values", "video": "pixel_values_videos"}
-_GRID = {"image": "image_grid_thw", "video": "video_grid_thw"}
 
-
-def _item(mm_processor, media: MediaItem):
-    tensors = BatchFeature({_GRID[media.modality]: torch.tensor([media.grid_thw], dtype=torch.int64)})
+def _item(mm_processor, family: Family, media: MediaItem):
+    names = family.fields(media.modality)
+    tensors = BatchFeature({names.grid: torch.tensor([media.grid_thw], dtype=torch.int64)})
     if media.pixel_values is not None:  # else metadata only, as vLLM's own disaggregated front end sends it
-        tensors[_PIXELS[media.modality]] = media.pixel_values
-    if media.second_per_grid is not None:
-        tensors["second_per_grid_ts"] = torch.tensor([media.second_per_grid], dtype=torch.float32)
-    # The model's declared layout (flat pixel rows by grid size, batched grid, ...).
+        tensors[names.pixels] = media.pixel_values
+    if media.second_per_grid is not None and names.seconds:
+        tensors[names.seconds] = torch.tensor([media.second_per_grid], dtype=torch.float32)
+    # The model's declared layout (flat pixel rows by grid size, batched grid, ...): a private method, the only
+    # place vLLM 0.32 keeps it (pinned by tests/test_vllm_private.py).
     fields = mm_processor._get_mm_fields_config(tensors, {})
     return MultiModalKwargsItems.from_hf_inputs(tensors, fields)[media.modality][0]
 
 
-def build_engine_input(request: EngineRequest, mm_processor, publish=None):
+def build_engine_input(request: EngineRequest, mm_processor, publish=None, family: Family | None = None):
     """The dict `AsyncLLM.generate` accepts for pre-tokenized, pre-processed input.
 
     `publish(hashes, items)` (both by modality), when given, may replace items in place by
     handles to a copy the engine's ranks already share (vLLM's shared-memory object store).
+    `family` defaults to the processor's model's.
     """
     ids = list(request.prompt_ids)
     if not request.media:
         return tokens_input(ids)
+    if family is None:
+        hf = mm_processor.info.get_hf_config()
+        family = family_for(hf.architectures or (), hf.model_type)
     kwargs, hashes, placeholders = {}, {}, {}
     for modality in dict.fromkeys(m.modality for m in request.media):
         media = [m for m in request.media if m.modality == modality]
-        kwargs[modality] = [_item(mm_processor, m) for m in media]
+        kwargs[modality] = [_item(mm_processor, family, m) for m in media]
         hashes[modality] = [m.identity for m in media]
         placeholders[modality] = [
             PlaceholderRange(offset=m.offset, length=m.length,

@@ -6,6 +6,8 @@ from typing import Protocol
 
 import torch
 
+from engine_adapter.families import Family
+
 
 @dataclass(frozen=True)
 class Constraint:
@@ -65,7 +67,7 @@ class MediaItem:
     length: int  # number of prompt positions in the range
     is_embed: tuple[bool, ...] | None = None  # None = every position in the range is an embedding
     modality: str = "image"  # or "video"
-    second_per_grid: float | None = None  # video: seconds per temporal grid step (Qwen2.5-VL's M-RoPE time)
+    second_per_grid: float | None = None  # video: seconds per temporal grid step (M-RoPE time, frame stamps)
 
 
 @dataclass(frozen=True)
@@ -148,7 +150,7 @@ class ModelInfo:
     pad_token_id: int
     image_token_id: int | None
     video_token_id: int | None
-    video_frames_layout: bool  # a video is per-frame blocks (timestamp, start, pads, end): Qwen3-VL
+    family: Family | None  # what the servicer must know of the model's family (None: text only)
     vision_start_token_id: int | None
     vision_end_token_id: int | None
     spatial_merge_size: int
@@ -290,7 +292,7 @@ class EngineClient(Protocol):
     version: str
     ordinary_token_ids: tuple[int, ...]  # stand-ins for image pad values
     prepare_pixels: Callable[[torch.Tensor], torch.Tensor]  # pixels as the vision tower takes them (blocking)
-    stamp_ids: Callable[[float], Sequence[int]]  # a Qwen3-VL frame timestamp's token ids
+    stamp_ids: Callable[[float], Sequence[int]]  # a video frame's timestamp as token ids (Family.stamp_text)
 
     def generate(self, request: EngineRequest) -> AsyncIterator[StepOutput]: ...
     async def embed(self, request: EngineRequest) -> Embedding: ...

@@ -20,7 +20,8 @@ def bound_idle_shm_waits() -> None:
     which can be dropped; the reader then sleeps until its recheck interval
     (vllm-project/vllm#45224 bounded it at 5 s). A NIXL prefill engine, stepping empty
     batches while it holds blocks for the decoder, lost pings often enough here that
-    every PD request waited 4-16 s. Pinned to vLLM 0.32's module constant.
+    every PD request waited 4-16 s. vLLM 0.32's module constant: no public setting (pinned by
+    tests/test_vllm_private.py).
     """
     value = os.environ.get(SHM_RECHECK_ENV)
     if not value:

@@ -31,7 +31,7 @@ class ServerConfig:
     mm_pad_values: bool = True  # hash-derived ids at image embedding positions
     mm_store_gb: float = 2.0  # images kept for reference-by-hash (LRU by bytes)
     mm_shm_keep: bool = False  # keep gateway shm segments after reading them (debugging)
-    mm_shm_gb: float = 4.0  # ring that publishes images to the engine's ranks (with vLLM's shm cache)
+    mm_shm_gb: float | None = None  # ring publishing images to the engine's ranks (vLLM's shm cache); None: vLLM's size
     pairing_protocol: str = ""  # PD pairing label a gateway matches between prefill and decode workers
     control_port: int | None = None  # the RL control endpoint (HTTP); None = off, 0 = pick a free port
     control_host: str = "127.0.0.1"
@@ -54,8 +54,11 @@ class ServerConfig:
             raise ConfigError(f"--mm-hash-policy {self.mm_hash_policy}: must be recompute or trust")
         if self.mm_store_gb < 0:
             raise ConfigError(f"--mm-store-gb {self.mm_store_gb}: must not be negative")
-        if self.mm_shm_gb <= 0:
+        if self.mm_shm_gb is not None and self.mm_shm_gb <= 0:
             raise ConfigError(f"--mm-shm-gb {self.mm_shm_gb}: must be positive")
+        if self.mm_shm_gb is not None and _sets_flag(self.engine_args, "--mm-processor-cache-gb"):
+            raise ConfigError("--mm-shm-gb and vLLM's --mm-processor-cache-gb both size the shared-memory ring "
+                              "(--mm-processor-cache-type shm): give one of them")
         if self.drain_timeout_s < 0:
             raise ConfigError(f"--drain-timeout {self.drain_timeout_s}: must not be negative")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
@@ -138,8 +141,9 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mm-store-gb", type=float, default=d.mm_store_gb,
                         help="memory for images kept for reference-by-hash (0 disables)")
     parser.add_argument("--mm-shm-gb", type=float, default=d.mm_shm_gb,
-                        help="with --mm-processor-cache-type shm: bytes of images published to the engine's ranks "
-                             "through shared memory; requests beyond it get RESOURCE_EXHAUSTED")
+                        help="with --mm-processor-cache-type shm: GiB of images published to the engine's ranks "
+                             "through shared memory; requests beyond it get RESOURCE_EXHAUSTED. It sets vLLM's "
+                             "--mm-processor-cache-gb (default 4): give one of the two, not both")
     parser.add_argument("--pairing-protocol", default=os.environ.get("SMG_PAIRING_PROTOCOL", "").strip(),
                         help="PD pairing protocol reported to SMG (default: $SMG_PAIRING_PROTOCOL, the variable "
                              "SMG's contract names); a prefill and a decode worker pair only when theirs are equal")
@@ -164,6 +168,11 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
                         help="file holding the gateway's own --api-key, if it has one (its /workers API needs it)")
     parser.add_argument("--mm-shm-keep", action="store_true", default=d.mm_shm_keep,
                         help="do not unlink gateway shared-memory segments after reading them (debugging)")
+
+
+def _sets_flag(argv: tuple[str, ...], flag: str) -> bool:
+    """Whether vLLM-style flags set `flag` (`--flag v` or `--flag=v`, dashes or underscores, as vLLM's parser takes them)."""
+    return any(arg.split("=", 1)[0].replace("_", "-") == flag for arg in argv if arg.startswith("--"))
 
 
 def config_from_args(ns: argparse.Namespace, engine_args: list[str]) -> ServerConfig:

@@ -17,7 +17,7 @@ from engine_adapter.types import MediaItem, ModelInfo
 from servicer.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from servicer.identity import image_identity, pad_values
 from servicer.image_store import ImageStore, StoredImage
-from servicer.placeholders import frame_layout, place_items
+from servicer.placeholders import place_items
 from servicer.shm import ConsumedSegments
 from servicer.tensors import SegmentGone, decode_tensor, encode_tensor
 from vlm_proto import common_pb2, vllm_engine_pb2 as pb
@@ -228,14 +228,14 @@ def _with_hashes(mm: pb.MultimodalInputs, hashes: list[str]) -> pb.MultimodalInp
 
 def _frames(grid: tuple, seconds: float | None, merge: int, pad_id: int, info: ModelInfo, where: str,
             stamp_ids: Callable[[float], Sequence[int]]) -> list[int]:
-    """What one Qwen3-VL video placeholder stands for; its timestamps need the video's time step."""
+    """What one video placeholder stands for where the family lays videos out per frame; its timestamps
+    need the video's time step."""
     if seconds is None:
         raise InvalidArgument(
             f"{where}.model_specific_tensors: a video sent as one placeholder needs 'video_second_per_grid' "
             "(or 'second_per_grid_ts') for its frame timestamps, or send its expanded layout with mm_placeholders")
-    t, h, w = grid
-    return frame_layout(t, h * w // (merge * merge), seconds, pad_id, info.vision_start_token_id,
-                        info.vision_end_token_id, stamp_ids)
+    return info.family.video_tokens(grid, merge, seconds, pad_id, info.vision_start_token_id,
+                                    info.vision_end_token_id, stamp_ids)
 
 
 def decode_media(
@@ -280,9 +280,9 @@ def decode_media(
     raw, ready, views_payload = _split(pixels, sent_rows, info.patch_dim, kind, where, prepare_pixels)
     merge = info.spatial_merge_size
     grids = [tuple(thw) for thw in grid.tolist()]
-    frames = kind is VIDEO and info.video_frames_layout
+    frames = kind is VIDEO and info.family.video_frames
     placements, inserts = place_items(
-        prompt_ids, pad_id, [r // (merge * merge) for r in rows], [(p.offset, p.length) for p in mm.mm_placeholders],
+        prompt_ids, pad_id, [info.family.embeddings(g, merge) for g in grids], [(p.offset, p.length) for p in mm.mm_placeholders],
         narrow=not frames, what=kind.name,
         layout=(lambda i: _frames(grids[i], seconds[i], merge, pad_id, info, where, stamp_ids)) if frames else None)
     if gone is not None:  # a retry naming a segment we consumed: its items become references
@@ -312,13 +312,13 @@ def decode_media(
 def engine_prompt_ids(ids: list[int], media: list[MediaItem], policy: ImagePolicy, info: ModelInfo) -> list[int]:
     """The ids the engine sees: each item's embedding positions carry its identity's pad values.
 
-    Except Qwen3-VL videos: vLLM finds each frame's embeddings by its video pad tokens, so
-    those stay (the identity still keys the engine's caches)."""
+    Except videos laid out per frame (Family.video_frames): vLLM finds each frame's embeddings
+    by its video pad tokens, so those stay (the identity still keys the engine's caches)."""
     if not policy.pad_values or not media:
         return ids
     out = list(ids)
     for item in media:
-        if item.modality == "video" and info.video_frames_layout:
+        if item.modality == "video" and info.family.video_frames:
             continue
         if item.is_embed is None:
             out[item.offset:item.offset + item.length] = pad_values(item.identity, item.length, policy.pad_candidates)

@@ -75,10 +75,10 @@ def place_items(
     (position, tokens replacing the placeholder there) that one-per-item placeholders need
     (`expanded` applies them).
 
-    `narrow=False` keeps a range that covers structural tokens as sent (Qwen3-VL video: the
-    engine finds each frame's markers from the range's start). `layout(i)`, when given, is what
-    item i's single placeholder stands for (Qwen3-VL video: timestamps and markers per frame);
-    otherwise it is the item's count of pad tokens.
+    `narrow=False` keeps a range that covers structural tokens as sent (a video laid out per frame:
+    the engine finds each frame's markers from the range's start). `layout(i)`, when given, is what
+    item i's single placeholder stands for (such a video: timestamps and markers per frame, from its
+    family); otherwise it is the item's count of pad tokens.
     """
     if ranges:
         if len(ranges) != len(expected):
@@ -102,16 +102,6 @@ def place_items(
         f"{[length for _, length in runs]}, but {len(expected)} {what}s need either one placeholder each "
         f"or {'their expanded layout with mm_placeholders' if layout else f'runs of {expected} tokens'}"
     )
-
-
-def frame_layout(frames: int, tokens_per_frame: int, step_seconds: float, pad_id: int, start_id: int, end_id: int,
-                 stamp_ids: Callable[[float], Sequence[int]]) -> list[int]:
-    """Qwen3-VL's video: per temporal step `<t seconds>` <|vision_start|> pads <|vision_end|>, t the middle
-    of the step's two frames ((k + 1/4) steps), as its processor and vLLM's write it."""
-    out: list[int] = []
-    for k in range(frames):
-        out += [*stamp_ids((k + 0.25) * step_seconds), start_id, *[pad_id] * tokens_per_frame, end_id]
-    return out
 
 
 def expanded(ids: list[int], inserts: list[tuple[int, tuple[int, ...]]]) -> list[int]:

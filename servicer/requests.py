@@ -208,7 +208,7 @@ class RequestDecoder:
     max_n: int
     prepare_pixels: Callable[[torch.Tensor], torch.Tensor]
     images: ImagePolicy
-    stamp_ids: Callable[[float], Sequence[int]]  # a Qwen3-VL frame timestamp's token ids
+    stamp_ids: Callable[[float], Sequence[int]]  # a video frame's timestamp as token ids (Family.stamp_text)
 
     def decode(self, request: pb.GenerateRequest, request_id: str) -> DecodedRequest:
         """Validate and convert; blocking (tensor decode, hashing, casts): call off the event loop."""

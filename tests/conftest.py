@@ -106,7 +106,8 @@ def oracle():
 
 # The trained checkpoint (committed): a second engine, started only by the tests that use it. Its grammars
 # allow no whitespace between JSON tokens: a 0.9 M-parameter model never saw JSON and, left free, pads it
-# with whitespace until max_tokens (vLLM's own flag, passed through).
+# with whitespace until max_tokens (vLLM's own flag, passed through). It also logs each request (vLLM's
+# --enable-log-requests; the session engine does not): test_metrics checks the flag through both.
 COMPACT_JSON = {"backend": "xgrammar", "disable_any_whitespace": True}
 
 
@@ -114,7 +115,8 @@ COMPACT_JSON = {"backend": "xgrammar", "disable_any_whitespace": True}
 async def shapes_engine():
     if not (SHAPES_MODEL / "RECIPE").exists():
         pytest.fail(f"trained tiny model missing at {SHAPES_MODEL}: it is committed; `make shapes-model` retrains it")
-    engine = await _start_engine(SHAPES_MODEL, ENGINE_ARGS + ("--structured-outputs-config", json.dumps(COMPACT_JSON)))
+    engine = await _start_engine(SHAPES_MODEL, ENGINE_ARGS + ("--structured-outputs-config", json.dumps(COMPACT_JSON),
+                                                              "--enable-log-requests"))
     yield engine
     engine.shutdown()
 

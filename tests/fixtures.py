@@ -2,6 +2,7 @@
 
 import torch
 
+from engine_adapter.families import FAMILIES
 from harness.images import image  # noqa: F401  (the tests' images)
 from harness.processes import ENGINE_ARGS, MODEL, ROOT, SHAPES_MODEL  # noqa: F401  (the tests' names)
 from servicer.tensors import encode_tensor
@@ -10,11 +11,9 @@ from vlm_proto import common_pb2, vllm_engine_pb2 as pb
 # MODEL: random weights, built on first use: the mechanics tests. SHAPES_MODEL: trained, committed: tests of
 # what the model sees. SHIFTED_MODEL: a training step on from it (tinyvlm.finetune, committed): refits.
 SHIFTED_MODEL = SHAPES_MODEL.parent / "tiny-qwen2-vl-shapes-shifted"
-FAMILY_MODELS = {  # random weights per family, with video, built on first use (tinyvlm.build --family)
-    "qwen2_vl": MODEL,
-    "qwen2_5_vl": ROOT / "models" / "tiny-qwen2.5-vl",
-    "qwen3_vl": ROOT / "models" / "tiny-qwen3-vl",
-}
+# Random weights per registered family, with video, built by `make model` (tinyvlm.build --all).
+FAMILY_MODELS = {f.model_types[0]: ROOT / f.tiny.folder for f in FAMILIES}
+assert FAMILY_MODELS["qwen2_vl"] == MODEL, "harness.processes.MODEL is the qwen2_vl family's tiny checkpoint"
 # ENGINE_ARGS: CPU-engine flags for the tiny model (float32 for HF parity, a small KV reservation).
 # The further families' engines also take video.
 FAMILY_ENGINE_ARGS = ENGINE_ARGS[:-1] + ('{"image": 8, "video": 2}',)

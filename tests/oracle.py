@@ -2,11 +2,13 @@
 
 The model class comes from the checkpoint's config (Qwen2-VL, Qwen2.5-VL, Qwen3-VL)."""
 
+import inspect
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers.video_utils import VideoMetadata
 
 from tests.fixtures import MODEL
 
@@ -46,6 +48,8 @@ class Oracle:
         self.pad, self.vs, self.ve = tid("<|image_pad|>"), tid("<|vision_start|>"), tid("<|vision_end|>")
         self.video_pad = tid("<|video_pad|>")
         self.family = self.model.config.model_type
+        # Whether the model's M-RoPE reads seconds per temporal grid step (its own forward's say).
+        self.takes_seconds = "second_per_grid_ts" in inspect.signature(type(self.model).forward).parameters
 
     def images(self, pil_images) -> Images:
         proc = self.processor.image_processor
@@ -66,19 +70,15 @@ class Oracle:
         return [self.vs] + [self.pad] * tokens + [self.ve]
 
     def video_block(self, videos: Videos, i: int, expanded: bool = True) -> list[int]:
-        """Video i as the family's processor writes it. Qwen3-VL: per temporal step a timestamp,
-        then <|vision_start|> pads <|vision_end|>, all inside the template's outer markers."""
-        t, h, w = videos.grid[i].tolist()
+        """Video i as the family's HF processor expands it (Qwen3-VL: a timestamp and markers per temporal
+        step), inside the template's outer markers; its frames taken at the rate its time step implies."""
         if not expanded:
             return [self.vs, self.video_pad, self.ve]
-        if self.family != "qwen3_vl":
-            return [self.vs] + [self.video_pad] * (t * h * w // 4) + [self.ve]
-        step = float(videos.seconds_per_grid[i])
-        block = [self.vs]
-        for k in range(t):  # the middle of each step's frames, as HF's Qwen3VLProcessor stamps it
-            block += self.tokenizer.encode(f"<{(k + 0.25) * step:.1f} seconds>", add_special_tokens=False)
-            block += [self.vs] + [self.video_pad] * (h * w // 4) + [self.ve]
-        return block + [self.ve]
+        frames = int(videos.grid[i][0]) * self.processor.video_processor.temporal_patch_size
+        fps = self.processor.video_processor.temporal_patch_size / float(videos.seconds_per_grid[i])
+        meta = VideoMetadata(total_num_frames=frames, fps=fps, frames_indices=list(range(frames)))
+        text = self.processor.replace_video_token({"video_grid_thw": videos.grid[i:i + 1], "video_metadata": [meta]}, 0)
+        return [self.vs] + self.tokenizer.encode(text, add_special_tokens=False) + [self.ve]
 
     def prompt(self, text: str, blocks: list[list[int]], prefix: str = "") -> tuple[list[int], list[int]]:
         """The chat prompt: `prefix` text, the image/video blocks, then `text`; and where each block starts."""
@@ -102,7 +102,7 @@ class Oracle:
             kwargs |= {"pixel_values": images.pixel_values, "image_grid_thw": images.grid}
         if videos is not None:
             kwargs |= {"pixel_values_videos": videos.pixel_values, "video_grid_thw": videos.grid}
-            if self.family == "qwen2_5_vl":
+            if self.takes_seconds:
                 kwargs["second_per_grid_ts"] = videos.seconds_per_grid
         if len(kwargs) > 1:  # mm_token_type_ids: 1 marks image, 2 video positions for HF's M-RoPE
             kwargs["mm_token_type_ids"] = (input_ids == self.pad).to(torch.int64) + 2 * (input_ids == self.video_pad)

@@ -1,7 +1,7 @@
-"""Qwen2.5-VL and Qwen3-VL, images and video, each on its own real engine behind real gRPC,
-against Hugging Face.
+"""Every registered family (engine_adapter/families), images and video, each on its own real engine behind
+real gRPC, against Hugging Face; and each family module's description against HF's own processor.
 
-Per family (random tiny checkpoints from `tinyvlm.build --family`): text only, one image (one
+Per family (random tiny checkpoints from `tinyvlm.build --all`): text only, one image (one
 placeholder, raw uint8), two images of different sizes (expanded, float pixels, SMG's ranges
 and layout keys), one short video (4 frames; SMG's VIDEO batch: float `pixel_values`,
 `video_grid_thw`, `video_second_per_grid`) sent as one placeholder that the servicer expands
@@ -13,16 +13,22 @@ tensor set that does not fit the family is INVALID_ARGUMENT naming the tensor.
 """
 
 import dataclasses
+import inspect
+import types
 
 import grpc
 import numpy as np
 import pytest
 import pytest_asyncio
 import torch
+import transformers
+from transformers import AutoConfig, AutoProcessor
+from transformers.video_utils import VideoMetadata
 
+from engine_adapter.families import FAMILIES
 from servicer.tensors import decode_tensor
 from tests.conftest import _channel, _serve, _start_engine
-from tests.fixtures import FAMILY_ENGINE_ARGS, FAMILY_MODELS, image, mm_inputs, request, tensor, video_inputs
+from tests.fixtures import FAMILY_ENGINE_ARGS, FAMILY_MODELS, ROOT, image, mm_inputs, request, tensor, video_inputs
 from tests.oracle import Images, Oracle, Videos
 from vlm_proto import vllm_engine_pb2 as pb, vllm_engine_pb2_grpc as pb_grpc
 
@@ -70,10 +76,11 @@ class Case:
 
 
 def _video(oracle: Oracle, videos: Videos, start: int | None = None, block: list[int] | None = None) -> pb.MultimodalInputs:
-    """With `start`/`block`: the expanded form. Qwen3-VL's range runs from frame 0's timestamp to the
-    last frame's end marker (inside the template's outer markers), pads named by im_token_id.
-    Without: one placeholder, expanded by the servicer (Qwen3-VL: timestamps and markers too)."""
-    if start is None or oracle.family != "qwen3_vl":
+    """With `start`/`block`: the expanded form. Where the block is more than one run of pads (Qwen3-VL's
+    per-frame layout), the range runs from frame 0's timestamp to the last frame's end marker (inside the
+    template's outer markers), pads named by im_token_id, as SMG sends it.
+    Without: one placeholder, expanded by the servicer with the family's layout."""
+    if start is None or block.count(oracle.video_pad) == len(block) - 2:
         return video_inputs(videos)
     return video_inputs(videos, im_token_id=oracle.video_pad,
                         mm_placeholders=[pb.PlaceholderRange(offset=start + 1, length=len(block) - 2)])
@@ -155,11 +162,16 @@ async def test_info_names_the_family(family):
     assert server.mm_item_limits == "image=8,video=2"
 
 
+def _patch_dims() -> set[int]:
+    return {f.patch_dim(types.SimpleNamespace(**f.tiny.vision)) for f in FAMILIES}
+
+
 async def test_patches_of_another_family_are_refused(family):
-    """Qwen2/2.5-VL patches are 14 px (1176 values), Qwen3-VL's 16 px (1536): the wrong width is named."""
+    """Another family's patch width (Qwen2/2.5-VL: 14 px, 1176 values; Qwen3-VL: 16 px, 1536) is refused,
+    naming the width this one takes."""
     imgs = family.oracle.images([image(112, 112, seed=24)])
     width = imgs.raw.shape[1]
-    wrong = torch.zeros(imgs.raw.shape[0], 1176 if width == 1536 else 1536, dtype=torch.uint8)
+    wrong = torch.zeros(imgs.raw.shape[0], min(_patch_dims() - {width}), dtype=torch.uint8)
     ids, _ = family.oracle.prompt("Describe the image.", [family.oracle.image_block()])
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await family.stub.Generate(request(ids, mm=mm_inputs(wrong, imgs.grid), max_tokens=1)).read()
@@ -220,3 +232,39 @@ async def test_an_image_range_over_a_video_is_refused(family):
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await family.stub.Generate(req).read()
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.model_types[0])
+def test_family_module_agrees_with_hf(family):
+    """The family module against HF's config, processor and model class for its tiny checkpoint (no engine):
+    token ids, merge size, patch width, what an image and a 4-frame video placeholder (0.5 s per step)
+    expand to, and whether M-RoPE reads the seconds per step."""
+    path = ROOT / family.tiny.folder
+    config, processor = AutoConfig.from_pretrained(path), AutoProcessor.from_pretrained(path)
+    tok = processor.tokenizer
+    assert config.model_type in family.model_types and config.architectures[0] in family.architectures
+    assert "-random-" in family.tiny.version  # how `make clean` tells a random checkpoint from a trained one
+    ids = family.token_ids(config)
+    assert ids == {name: tok.convert_tokens_to_ids(t.text) for name, t in zip(ids, family.tokens)}
+    merge = family.merge_size(config.vision_config)
+    assert merge == processor.image_processor.merge_size == processor.video_processor.merge_size
+    imgs = processor.image_processor(images=[image(112, 168, seed=1)], return_tensors="pt")
+    assert imgs["pixel_values"].shape[1] == family.patch_dim(config.vision_config)
+    grid = imgs["image_grid_thw"][0].tolist()
+    assert tok.encode(processor.replace_image_token(imgs, 0)) == [ids["image_pad"]] * family.embeddings(grid, merge)
+
+    vids = processor.video_processor(videos=[_clip(2)], return_tensors="pt", do_sample_frames=False)
+    grid = vids["video_grid_thw"][0].tolist()
+    step = 0.5
+    frames = grid[0] * processor.video_processor.temporal_patch_size
+    meta = VideoMetadata(total_num_frames=frames, fps=processor.video_processor.temporal_patch_size / step,
+                         frames_indices=list(range(frames)))
+    hf = tok.encode(processor.replace_video_token({"video_grid_thw": vids["video_grid_thw"], "video_metadata": [meta]}, 0))
+    if family.video_frames:
+        stamps = lambda s: tok.encode(family.stamp_text(s))  # noqa: E731
+        ours = family.video_tokens(grid, merge, step, ids["video_pad"], ids["vision_start"], ids["vision_end"], stamps)
+    else:
+        ours = [ids["video_pad"]] * family.embeddings(grid, merge)
+    assert hf == ours
+    forward = inspect.signature(getattr(transformers, config.architectures[0]).forward).parameters
+    assert ("second_per_grid_ts" in forward) == (family.video.seconds == "second_per_grid_ts")

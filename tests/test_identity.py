@@ -4,6 +4,7 @@ from types import SimpleNamespace
 
 import torch
 
+from engine_adapter.families import by_model_type
 from engine_adapter.types import MediaItem
 from servicer.identity import image_identity, pad_values
 from servicer.image_store import ImageStore
@@ -11,7 +12,7 @@ from servicer.multimodal import ImagePolicy, engine_prompt_ids
 from servicer.shm import ConsumedSegments
 
 CANDIDATES = tuple(range(10, 400))
-INFO = SimpleNamespace(video_frames_layout=False)  # the one ModelInfo field pad values read
+INFO = SimpleNamespace(family=by_model_type("qwen2_vl"))  # the one ModelInfo field pad values read
 
 
 def test_identity_depends_on_bytes_dtype_shape_and_grid():

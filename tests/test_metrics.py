@@ -1,4 +1,7 @@
-"""The Prometheus endpoint: request codes, latencies, tokens, multimodal bytes, cache and store figures."""
+"""The Prometheus endpoint: request codes, latencies, tokens, multimodal bytes, cache and store figures; the
+request log line under vLLM's --enable-log-requests; vLLM's own Prometheus logger not run."""
+
+import logging
 
 import grpc
 import pytest
@@ -53,21 +56,33 @@ async def test_concurrency_limit_is_resource_exhausted(engine, oracle):
             call.cancel()
 
 
-async def test_request_log_line_follows_vllms_flag(stub, engine, oracle, caplog, monkeypatch):
-    """One log line per request only under vLLM's --enable-log-requests (off by default, as in vLLM);
-    vLLM's own Prometheus stat logger, which nothing exports here, is not run (it cost front-end CPU)."""
-    import dataclasses
-    import logging
-
-    assert not engine.info.log_requests
-    assert not any(type(s).__name__ == "PrometheusStatLogger" for s in engine._llm.logger_manager.stat_loggers)
-    ids = oracle.chat_ids("Name a colour.")
-    for log_requests in (False, True):
-        monkeypatch.setattr(engine, "info", dataclasses.replace(engine.info, log_requests=log_requests))
+async def test_request_log_line_follows_vllms_flag(stub, shapes_stub, engine, shapes_engine, oracle, shapes_oracle, caplog):
+    """One log line per request only under vLLM's --enable-log-requests (off by default, as in vLLM): the
+    session engine runs without the flag, the trained model's with it (conftest), each flag parsed by
+    parse_engine_args and read back from the engine by its model info."""
+    assert not engine.info.log_requests and shapes_engine.info.log_requests
+    for name, target, chat, expected in (("off", stub, oracle, 0), ("on", shapes_stub, shapes_oracle, 1)):
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="servicer.handlers"):
-            _ = [r async for r in stub.Generate(request(ids, temperature=0.0, max_tokens=2, ignore_eos=True,
-                                                        request_id=f"log-{log_requests}"))]
-        lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"request log-{log_requests} ")]
-        assert len(lines) == log_requests, lines
+            _ = [r async for r in target.Generate(request(chat.chat_ids("Name a colour."), temperature=0.0, max_tokens=2,
+                                                          ignore_eos=True, request_id=f"log-{name}"))]
+        lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"request log-{name} ")]
+        assert len(lines) == expected, lines
     assert "completion=2" in lines[0]
+
+
+async def test_vllms_prometheus_logger_does_not_run(stub, oracle, monkeypatch):
+    """vLLM's own Prometheus stat logger, which nothing exports here, never records (it cost front-end CPU):
+    the engine was given a stand-in, so vLLM added none of its own. The stand-in records, so the stat
+    loggers did run for these requests (the second request's answer comes after the first one's records)."""
+    from vllm.v1.metrics.loggers import PrometheusStatLogger
+
+    from engine_adapter.engine import _UnexportedPrometheus
+
+    calls = {PrometheusStatLogger: 0, _UnexportedPrometheus: 0}
+    for cls in calls:
+        monkeypatch.setattr(cls, "record", lambda self, *args, cls=cls, **kwargs: calls.__setitem__(cls, calls[cls] + 1))
+    ids = oracle.chat_ids("Name a colour.")
+    for _ in range(2):
+        _ = [r async for r in stub.Generate(request(ids, temperature=0.0, max_tokens=4, ignore_eos=True))]
+    assert calls[_UnexportedPrometheus] > 0 and calls[PrometheusStatLogger] == 0, calls

@@ -2,8 +2,9 @@
 
 import pytest
 
+from engine_adapter.families import FAMILIES
 from servicer.errors import InvalidArgument
-from servicer.placeholders import Placement, expanded, frame_layout, place_items, shifted
+from servicer.placeholders import Placement, expanded, place_items, shifted
 
 PAD, VS, VE = 9, 7, 8
 
@@ -30,7 +31,7 @@ def test_given_ranges_are_kept_and_structural_tokens_masked():
     wide, _ = place_items(ids, PAD, [2], [(1, 4)])
     assert wide == [Placement(2, 2, None)]  # narrowed to the pad run (M-RoPE keys on the offset)
     kept, _ = place_items(ids, PAD, [2], [(1, 4)], narrow=False)
-    assert kept == [Placement(1, 4, (False, True, True, False))]  # Qwen3-VL video: markers stay in range
+    assert kept == [Placement(1, 4, (False, True, True, False))]  # a video laid out per frame: markers stay in range
     split = [1, VS, PAD, 5, PAD, VE]
     masked, _ = place_items(split, PAD, [2], [(1, 5)])
     assert masked == [Placement(1, 5, (False, True, False, True, False))]
@@ -46,9 +47,10 @@ def test_two_modalities_are_placed_on_the_ids_as_sent_then_shifted_together():
     assert [shifted(p.offset, inserts) for p in videos + images] == [1, 5, 8]
 
 
-def test_a_frame_layout_replaces_one_placeholder_with_stamps_markers_and_pads():
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f.video_frames], ids=lambda f: f.name)
+def test_a_frame_layout_replaces_one_placeholder_with_stamps_markers_and_pads(family):
     stamp = {0.1: (50, 51), 0.6: (50, 52)}  # "<0.1 seconds>", "<0.6 seconds>" as token ids
-    layout = frame_layout(2, 3, 0.5, PAD, VS, VE, lambda t: stamp[round(t, 1)])
+    layout = family.video_tokens((2, 2, 6), 2, 0.5, PAD, VS, VE, lambda t: stamp[round(t, 1)])
     assert layout == [50, 51, VS, PAD, PAD, PAD, VE, 50, 52, VS, PAD, PAD, PAD, VE]
     ids = [1, VS, PAD, VE, 2]
     [place], inserts = place_items(ids, PAD, [6], [], narrow=False, what="video", layout=lambda i: layout)
