@@ -202,9 +202,12 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
 
     def _queues(self, load: RankLoad) -> tuple[int, int]:
         """(running, waiting) of a rank. Figures are recorded after each engine step; once nothing is
-        unfinished the last step's are stale."""
-        busy = self.engine.num_unfinished_requests() > 0
-        return (load.num_running, load.num_waiting) if busy else (0, 0)
+        unfinished the last step's are stale, and so are they while the engine is paused (it takes no step):
+        then every unfinished request waits (one rank; data-parallel ranks keep their last figures)."""
+        unfinished = self.engine.num_unfinished_requests()
+        if self.rl.paused and len(self.engine.stats.ranks) == 1:
+            return 0, unfinished
+        return (load.num_running, load.num_waiting) if unfinished else (0, 0)
 
     def _load_record(self, rank: int | None) -> common_pb2.EngineLoad | None:
         """A rank's load as GetLoads reports it (rank 0 for None), for the KV-event stream."""
@@ -215,6 +218,8 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
         record = common_pb2.EngineLoad(
             running_requests=running, waiting_requests=waiting, token_usage=load.kv_cache_usage,
             max_running_requests=self.engine.info.max_num_seqs, cache_hit_rate=self.engine.stats.prefix_cache_hit_rate)
+        if self.rl.paused:  # the RL control plane paused the engine: these wait for its resume
+            record.queues.paused = waiting
         if len(ranks) == 1:  # requests are not attributed to data-parallel ranks here
             # Prefill work in hand: prompts handed to the engine without output yet (a non-streamed
             # request's only output is its last).

@@ -183,6 +183,10 @@ async def test_keep_freezes_in_flight_requests_and_they_resume_with_unpaused_tok
     queued = asyncio.create_task(_ask(stub, later_ids, max_tokens=8, ignore_eos=True))
     info = await stub.GetServerInfo(pb.GetServerInfoRequest())
     assert info.is_paused and (await control.call("GET", "/is_paused"))[1] == {"is_paused": True}
+    await _until(lambda: server.engine.num_unfinished_requests() == 2, "the queued request in the engine")
+    [load] = (await stub.GetLoads(pb.GetLoadsRequest())).loads
+    assert (load.num_running_reqs, load.num_waiting_reqs) == (0, 2), "a paused engine's requests all wait"
+    assert server.servicer._load_record(None).queues.paused == 2  # what the KV-event stream pushes to SMG
     await asyncio.sleep(1.0)  # a frozen request makes no progress, and the queued one does not run
     assert len(chunks) == frozen and not queued.done() and not streaming.done()
     status, body = await control.call("POST", "/resume")
