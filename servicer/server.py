@@ -13,6 +13,7 @@ from engine_adapter.types import EngineClient
 from servicer.config import ServerConfig
 from servicer.handlers import VllmEngineServicer
 from servicer.metrics import Metrics
+from servicer.tls import grpc_server_credentials, is_loopback, ssl_context
 from vlm_proto import vllm_engine_pb2 as pb, vllm_engine_pb2_grpc as pb_grpc
 
 logger = logging.getLogger(__name__)
@@ -42,19 +43,45 @@ class Server:
         pb_grpc.add_VllmEngineServicer_to_server(self.servicer, self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc)
-        self.port = self.grpc.add_insecure_port(f"{config.host}:{config.port}")
+        # Health and reflection share the port, so they take its TLS choice; metrics follow it in start().
+        self.credentials = grpc_server_credentials(config)
+        address = f"{config.host}:{config.port}"
+        if self.credentials is not None:
+            self.port = self.grpc.add_secure_port(address, self.credentials.credentials)
+        else:
+            self.port = self.grpc.add_insecure_port(address)
+            if not is_loopback(config.host):
+                logger.warning("serving plaintext gRPC on %s: token ids, images and outputs cross the network "
+                               "unencrypted and any client may call; give --tls-cert-file/--tls-key-file "
+                               "(and --tls-client-ca-file for mTLS), or keep this port inside a mesh that encrypts",
+                               config.host)
+        self.health_server = self._health_only(config) if config.health_port is not None else None
         self.engine = engine
         self.config = config
         self.metrics_port: int | None = None
 
+    def _health_only(self, config: ServerConfig) -> grpc.aio.Server:
+        """grpc.health.v1 alone, in plaintext, for Kubernetes' gRPC probes (the kubelet cannot speak TLS).
+        It tells only SERVING or NOT_SERVING, from the same health state as the main port."""
+        server = grpc.aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        self.health_port = server.add_insecure_port(f"{config.host}:{config.health_port}")
+        return server
+
     async def start(self) -> None:
         if self.config.metrics_port is not None:
-            self.metrics_port = self.metrics.serve(self.config.host, self.config.metrics_port)
-            logger.info("metrics on http://%s:%d/metrics", self.config.host, self.metrics_port)
+            self.metrics_port = self.metrics.serve(self.config.host, self.config.metrics_port, ssl_context(self.config.tls))
+            logger.info("metrics on http%s://%s:%d/metrics", "s" * bool(self.config.tls), self.config.host,
+                        self.metrics_port)
         self.engine.start_kv_events()
         await self.grpc.start()
+        if self.health_server is not None:
+            await self.health_server.start()
+            logger.info("plaintext health checks on %s:%d", self.config.host, self.health_port)
         await self._set_serving(health_pb2.HealthCheckResponse.SERVING)
-        logger.info("serving %s on %s:%d", self.engine.info.served_model_name, self.config.host, self.port)
+        logger.info("serving %s on %s:%d%s", self.engine.info.served_model_name, self.config.host, self.port,
+                    " (TLS, client certificates required)" if self.config.tls and self.config.tls.client_ca_file
+                    else " (TLS)" if self.config.tls else "")
 
     async def _set_serving(self, status) -> None:
         for name in ("", SERVICE_NAME):
@@ -73,6 +100,8 @@ class Server:
         while self.servicer.in_flight and time.monotonic() < deadline:
             await asyncio.sleep(DRAIN_POLL_S)
         await self.grpc.stop(max(0.0, deadline - time.monotonic()))
+        if self.health_server is not None:
+            await self.health_server.stop(0)
         self.servicer.close()
 
     async def watch_engine(self) -> None:

@@ -68,6 +68,8 @@ async def _serve(engine, model, **overrides):
         yield server
     finally:
         await server.grpc.stop(0)
+        if server.health_server is not None:
+            await server.health_server.stop(0)
         server.servicer.close()
 
 
