@@ -141,6 +141,9 @@ class Engine:
             sampling = to_sampling_params(options, final_only=not request.stream)
         except VLLMValidationError as exc:
             raise _request_error(exc) from exc
+        queue = self._llm.scheduler_config.max_num_queued_reqs
+        if queue is not None and options.n > queue:  # vLLM's admission would refuse it as "busy" forever
+            raise EngineRequestError(f"sampling_params.n: {options.n} exceeds the engine's --max-num-queued-reqs {queue}")
         if request.kv_transfer_params is not None:  # where vLLM's connectors read it
             sampling.extra_args = {**(sampling.extra_args or {}), "kv_transfer_params": request.kv_transfer_params}
         self._check_constraint(options.constraint)
@@ -190,15 +193,16 @@ class Engine:
 
         All or nothing, and bounded: vLLM's own injection falls back to sending an item that
         does not fit inline, which would make the ring's bound meaningless, so we refuse the
-        request instead (EngineCapacityError) and undo the holds taken on its other items.
+        request instead (EngineRequestError when it can never fit, EngineCapacityError when the
+        ring is full of items in flight) and undo the holds taken on its other items.
         """
         cache = self._llm.renderer.mm_processor_cache
         slots = [(modality, i, h) for modality, hs in hashes.items() for i, h in enumerate(hs)]
         sizes = [_item_nbytes(items[m][i]) for m, i, h in slots if not cache.is_cached_item(h)]
-        if sizes and (max(sizes) > self._shm_item_bytes or sum(sizes) > self._shm_bytes):
-            raise EngineCapacityError(
-                f"images and videos need {sum(sizes)} bytes of shared memory (largest {max(sizes)}); the ring "
-                f"holds {self._shm_bytes} (--mm-shm-gb) and {self._shm_item_bytes} per item "
+        if sizes and (max(sizes) > self._shm_item_bytes or sum(sizes) > self._shm_bytes):  # can never fit
+            raise EngineRequestError(
+                f"mm_inputs: images and videos need {sum(sizes)} bytes of shared memory (largest {max(sizes)}); the "
+                f"ring holds {self._shm_bytes} (--mm-shm-gb) and {self._shm_item_bytes} per item "
                 "(--mm-shm-cache-max-object-size-mb)")
         store = cache._shm_cache  # vLLM's SingleWriterShmObjectStorage: holds are its writer flags
         held = []

@@ -141,7 +141,8 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
                         help="memory for images kept for reference-by-hash (0 disables)")
     parser.add_argument("--mm-shm-gb", type=float, default=d.mm_shm_gb,
                         help="with --mm-processor-cache-type shm: bytes of images published to the engine's ranks "
-                             "through shared memory; requests beyond it get RESOURCE_EXHAUSTED")
+                             "through shared memory; images that never fit get INVALID_ARGUMENT, a ring full of "
+                             "images in flight RESOURCE_EXHAUSTED")
     parser.add_argument("--pairing-protocol", default=os.environ.get("SMG_PAIRING_PROTOCOL", "").strip(),
                         help="PD pairing protocol reported to SMG (default: $SMG_PAIRING_PROTOCOL, the variable "
                              "SMG's contract names); a prefill and a decode worker pair only when theirs are equal")
