@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 
 import vllm
 from vllm import PoolingParams, SamplingParams
@@ -101,6 +101,8 @@ class Engine:
         self.version = vllm.__version__
         self._kv_relay: KvEventRelay | None = None
         self.ordinary_token_ids = ordinary_token_ids(self._tokenizer, self.info.vocab_size)
+        # vLLM's --otlp-traces-endpoint: vLLM has installed the process's tracer provider and takes trace headers.
+        self.traces = llm.observability_config.otlp_traces_endpoint is not None
         mm_config = llm.vllm_config.model_config.multimodal_config
         # With vLLM's shared-memory processor cache, each image is written once per identity
         # into a ring every rank maps, and requests carry only its address.
@@ -130,8 +132,9 @@ class Engine:
         """Pixels as the vision tower takes them (CPU-bound: call off the event loop)."""
         return prepare_pixels(pixels, self._norm, self.info.device_normalizes_pixels, self.info.dtype)
 
-    async def generate(self, request: EngineRequest) -> AsyncIterator[StepOutput]:
-        """Run one request, yielding per-step deltas.
+    async def generate(self, request: EngineRequest, on_admitted: Callable[[], None] | None = None
+                       ) -> AsyncIterator[StepOutput]:
+        """Run one request, yielding per-step deltas; `on_admitted()` once it is handed to vLLM.
 
         Cancelling the consumer aborts the request in the engine (vLLM's generate does
         it on CancelledError/GeneratorExit); vLLM's errors surface as our own types.
@@ -152,10 +155,13 @@ class Engine:
         # otherwise hold it back until its reasoning parser has seen the thought's end.
         reasoning_ended = True if options.grammar_from_first_token and options.constraint else None
         first = True
+        if on_admitted is not None:
+            on_admitted()
         with _engine_errors():
             async for output in self._llm.generate(engine_input, sampling, request.request_id,
                                                    reasoning_ended=reasoning_ended,
-                                                   data_parallel_rank=request.data_parallel_rank):
+                                                   data_parallel_rank=request.data_parallel_rank,
+                                                   trace_headers=request.trace_headers):
                 step = to_step_output(output, options.logprobs, options.prompt_logprobs, first)
                 _raise_if_failed(step, options)
                 yield step

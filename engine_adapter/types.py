@@ -79,6 +79,7 @@ class EngineRequest:
     data_parallel_rank: int | None = None  # None: vLLM balances across its ranks
     kv_transfer_params: dict | None = None  # for the engine's KV connector (prefill/decode disaggregation)
     stream: bool = True  # False: the caller wants the result only, and the engine sends just its final output
+    trace_headers: dict[str, str] | None = None  # W3C traceparent/tracestate for vLLM's request span
 
 
 @dataclass(frozen=True)
@@ -256,8 +257,11 @@ class EngineClient(Protocol):
     ordinary_token_ids: tuple[int, ...]  # stand-ins for image pad values
     prepare_pixels: Callable[[torch.Tensor], torch.Tensor]  # pixels as the vision tower takes them (blocking)
     stamp_ids: Callable[[float], Sequence[int]]  # a Qwen3-VL frame timestamp's token ids
+    traces: bool  # vLLM exports request traces (--otlp-traces-endpoint)
 
-    def generate(self, request: EngineRequest) -> AsyncIterator[StepOutput]: ...
+    # `on_admitted` is called once the request is handed to vLLM (our preparation done).
+    def generate(self, request: EngineRequest, on_admitted: Callable[[], None] | None = None
+                 ) -> AsyncIterator[StepOutput]: ...
     async def embed(self, request: EngineRequest) -> Embedding: ...
     async def abort(self, request_ids: Sequence[str]) -> None: ...
     async def reset_prefix_cache(self) -> bool: ...

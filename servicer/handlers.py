@@ -8,6 +8,7 @@ engine stream, which aborts the request in the engine.
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import itertools
 import json
@@ -35,6 +36,7 @@ from servicer.metrics import Metrics
 from servicer.multimodal import ImagePolicy, media_identity
 from servicer.requests import RequestDecoder
 from servicer.responses import Accumulator, StreamEncoder
+from servicer.tracing import RequestTrace, Tracing
 from vlm_proto import common_pb2, vllm_engine_pb2 as pb, vllm_engine_pb2_grpc as pb_grpc
 
 logger = logging.getLogger(__name__)
@@ -53,6 +55,7 @@ class InFlight:
     finish_reason: str = ""
     code: str = "OK"  # final gRPC status, for metrics and the log line
     first_response: float | None = None
+    trace: RequestTrace | None = None  # its spans, when the engine exports traces
 
 
 async def _fail(context: grpc.aio.ServicerContext, exc: BaseException, what: str) -> None:
@@ -130,6 +133,7 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
         # The caller's ids of each image's range, for KV events (only needed where the engine ran pad values).
         self.media_tokens = MediaTokens() if engine.info.kv_events and config.mm_pad_values else None
         self.decoder = RequestDecoder(engine.info, config.max_n, engine.prepare_pixels, policy, engine.stamp_ids)
+        self.tracing = Tracing() if engine.traces else None  # None: no tracing work at all
         metrics.bind(lambda: len(self.in_flight), lambda: engine.stats.prefix_cache_hit_rate, self.image_store,
                      lambda: dict(engine.stats.prompt_tokens_by_source))
 
@@ -141,13 +145,20 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
         self.last_receive = time.time()
         request_id = request.request_id or uuid.uuid4().hex
         state = InFlight(request_id, time.monotonic(), request.stream)
+        trace = state.trace = (self.tracing.start(context.invocation_metadata(), request_id)
+                               if self.tracing is not None else None)
         with self._tracked(state, context):
             if self.engine.info.runner != "generate":
                 raise FailedPrecondition(f"Generate: this engine runs vLLM's {self.engine.info.runner} runner "
                                          "(--runner pooling): it serves Embed; start one with --runner generate "
                                          "to generate")
+            if trace is not None:
+                trace.step("vlm.decode")
             decoded = await self._decode(self.decoder.decode, request, request_id)
             engine_request = decoded.engine
+            if trace is not None:
+                trace.step("vlm.admission")
+                engine_request = dataclasses.replace(engine_request, trace_headers=trace.headers())
             state.prompt_tokens = len(engine_request.prompt_ids)
             await self._send_identities(decoded, context)
             # Prompt logprobs are reported against the prompt as the engine ran it (placeholders
@@ -157,7 +168,10 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
             # A prefill leg's images, by identity, for its decode leg (which then needs no pixels).
             identity = (media_identity(decoded.prompt_ids, engine_request.media)
                         if engine_request.kv_transfer_params is not None and engine_request.media else None)
-            async for step in self.engine.generate(engine_request):
+            admitted = functools.partial(trace.step, "vlm.generation") if trace is not None else None
+            async for step in self.engine.generate(engine_request, admitted):
+                if trace is not None:
+                    trace.output()
                 state.cached_tokens = step.cached_tokens
                 state.completion_tokens += sum(len(s.token_ids) for s in step.samples)
                 state.finish_reason = next((s.finish_reason for s in step.samples if s.finish_reason), state.finish_reason)
@@ -281,6 +295,8 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
         m.prompt_tokens.inc(state.prompt_tokens)
         m.completion_tokens.inc(state.completion_tokens)
         m.cached_tokens.inc(state.cached_tokens)
+        if state.trace is not None:
+            state.trace.end(state.code, state.prompt_tokens, state.completion_tokens)
         if not self.engine.info.log_requests:  # vLLM's --enable-log-requests (off by default, as in vLLM)
             return
         logger.info(
