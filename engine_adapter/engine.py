@@ -260,6 +260,11 @@ class Engine:
     async def reset_prefix_cache(self) -> bool:
         return await self._llm.reset_prefix_cache()
 
+    async def reset_prefix_cache_by_rank(self) -> list[bool]:
+        """Each data-parallel rank's own result, in rank order. vLLM's reset_prefix_cache asks every rank
+        the same way and answers their AND; this keeps which rank still holds blocks."""
+        return list(await self._llm.engine_core.call_utility_all_async("reset_prefix_cache", False, False))
+
     def num_unfinished_requests(self) -> int:
         """Requests the engine's front end still tracks (0 once everything ended or aborted)."""
         return self._llm.get_num_unfinished_requests()

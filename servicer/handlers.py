@@ -116,8 +116,8 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
         self.metrics = metrics
         self.draining = False
         self.in_flight: dict[str, InFlight] = {}
-        self.started = time.time()
-        self.last_receive = 0.0
+        self.started = time.monotonic()  # uptime: a clock that NTP steps cannot move
+        self.last_receive = 0.0  # wall-clock time of the last Generate or Embed call; 0 until one arrives
         self._decode_pool = ThreadPoolExecutor(config.decode_workers, thread_name_prefix="decode")
         self.image_store = ImageStore(int(config.mm_store_gb * 1024**3))
         policy = ImagePolicy(
@@ -359,7 +359,7 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
         return pb.GetServerInfoResponse(
             active_requests=len(self.in_flight),
             last_receive_timestamp=self.last_receive,
-            uptime_seconds=time.time() - self.started,
+            uptime_seconds=time.monotonic() - self.started,
             server_type="vlm-servicer",
             data_parallel_size=info.data_parallel_size,
             shm_namespace_id=self.shm_namespace_id,
@@ -442,12 +442,17 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
 
     @_guard
     async def FlushCache(self, request: common_pb2.FlushCacheRequest, context) -> common_pb2.FlushCacheResponse:
+        """Every data-parallel rank's prefix cache, retried within `timeout_s` while requests hold blocks;
+        the message names the ranks that could not be flushed."""
         deadline = time.monotonic() + max(request.timeout_s, 0.0)
         while True:
-            if await self.engine.reset_prefix_cache():
-                return common_pb2.FlushCacheResponse(success=True, message="prefix cache flushed")
+            flushed = await self.engine.reset_prefix_cache_by_rank()
+            ranks = ", ".join(str(rank) for rank in range(len(flushed)))
+            if all(flushed):
+                return common_pb2.FlushCacheResponse(success=True, message=f"prefix cache flushed on rank(s) {ranks}")
             if time.monotonic() >= deadline:
+                held = ", ".join(str(rank) for rank, ok in enumerate(flushed) if not ok)
                 return common_pb2.FlushCacheResponse(
-                    success=False, message="requests still hold cache blocks; retry or pass timeout_s"
-                )
+                    success=False, message=f"rank(s) {held} of {ranks}: requests still hold cache blocks; retry "
+                                           "or pass timeout_s")
             await asyncio.sleep(0.05)
