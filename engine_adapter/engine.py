@@ -146,7 +146,8 @@ class Engine:
             raise _request_error(exc) from exc
         queue = self._llm.scheduler_config.max_num_queued_reqs
         if queue is not None and options.n > queue:  # vLLM's admission would refuse it as "busy" forever
-            raise EngineRequestError(f"sampling_params.n: {options.n} exceeds the engine's --max-num-queued-reqs {queue}")
+            raise EngineRequestError(
+                f"sampling_params.n: {options.n} exceeds the engine's --max-num-queued-reqs {queue}")
         if request.kv_transfer_params is not None:  # where vLLM's connectors read it
             sampling.extra_args = {**(sampling.extra_args or {}), "kv_transfer_params": request.kv_transfer_params}
         self._check_constraint(options.constraint)

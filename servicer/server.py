@@ -70,7 +70,8 @@ class Server:
 
     async def start(self) -> None:
         if self.config.metrics_port is not None:
-            self.metrics_port = self.metrics.serve(self.config.host, self.config.metrics_port, ssl_context(self.config.tls))
+            context = ssl_context(self.config.tls)  # metrics follow the gRPC port's TLS choice
+            self.metrics_port = self.metrics.serve(self.config.host, self.config.metrics_port, context)
             logger.info("metrics on http%s://%s:%d/metrics", "s" * bool(self.config.tls), self.config.host,
                         self.metrics_port)
         self.engine.start_kv_events()

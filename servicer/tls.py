@@ -10,6 +10,7 @@ bad file (half written, key not matching) keeps the last good certificate and lo
 
 import logging
 import os
+import pathlib
 import ssl
 import threading
 from dataclasses import dataclass
@@ -66,14 +67,10 @@ def _read(files: TlsFiles) -> _Material:
     """The files' bytes, checked to make a working certificate first."""
     _context(files)
     try:
-        with open(files.cert_file, "rb") as cert, open(files.key_file, "rb") as key:
-            material = _Material(cert.read(), key.read(), None)
-        if files.client_ca_file:
-            with open(files.client_ca_file, "rb") as ca:
-                material = _Material(material.cert, material.key, ca.read())
+        ca = pathlib.Path(files.client_ca_file).read_bytes() if files.client_ca_file else None
+        return _Material(pathlib.Path(files.cert_file).read_bytes(), pathlib.Path(files.key_file).read_bytes(), ca)
     except OSError as exc:
         raise TlsFileError(str(exc)) from exc
-    return material
 
 
 class _Watch:

@@ -88,7 +88,8 @@ async def test_static_limits_are_invalid_argument_naming_field_and_flag(limited_
     cases = {
         "n over --max-n": (request(TEXT, n=5, max_tokens=2), "sampling_params.n", "--max-n"),
         "n over vLLM's queue": (request(TEXT, n=3, max_tokens=2), "sampling_params.n", "--max-num-queued-reqs 2"),
-        "max_tokens beyond the context": (request(TEXT, max_tokens=4096), "sampling_params.max_tokens", "--max-model-len"),
+        "max_tokens beyond the context": (request(TEXT, max_tokens=4096), "sampling_params.max_tokens",
+                                          "--max-model-len"),
         "logprobs over --max-logprobs": (request(TEXT, max_tokens=2, logprobs=3), "sampling_params.logprobs",
                                          "--max-logprobs"),
         "prompt_logprobs over --max-logprobs": (request(TEXT, max_tokens=2, prompt_logprobs=3),
@@ -97,7 +98,8 @@ async def test_static_limits_are_invalid_argument_naming_field_and_flag(limited_
             request(oracle.chat_ids("Compare.", 2), mm=mm_inputs(two.raw, two.grid), max_tokens=2),
             "mm_inputs", "--limit-mm-per-prompt"),
         "an image bigger than the ring": (
-            request(oracle.chat_ids("Describe.", 1, big.tokens_per_image), mm=mm_inputs(big.raw, big.grid), max_tokens=2),
+            request(oracle.chat_ids("Describe.", 1, big.tokens_per_image), mm=mm_inputs(big.raw, big.grid),
+                    max_tokens=2),
             "mm_inputs", "--mm-shm-gb"),
     }
     async with extra_server(limited_engine, max_n=4) as (_, stub):

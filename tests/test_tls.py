@@ -119,7 +119,8 @@ class Client:
 
 async def test_control_context_mtls_and_rotation_without_restart(pki, caplog):
     files = TlsFiles(str(pki["cert"]), str(pki["key"]), str(pki["ca_file"]))
-    config = ServerConfig(tls_cert_file=files.cert_file, tls_key_file=files.key_file, tls_client_ca_file=files.client_ca_file)
+    config = ServerConfig(tls_cert_file=files.cert_file, tls_key_file=files.key_file,
+                          tls_client_ca_file=files.client_ca_file)
     context = control_ssl_context(config)  # the gRPC port's files, as nothing else was given
     assert context.verify_mode == ssl.CERT_REQUIRED
     server = await _serve(context)

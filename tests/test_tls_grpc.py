@@ -48,11 +48,13 @@ class Pki:
         self.ca_file = self.ca.write(self.folder, "ca")
 
     def config(self) -> dict:
-        return dict(tls_cert_file=str(self.cert_file), tls_key_file=str(self.key_file), tls_client_ca_file=str(self.ca_file))
+        return dict(tls_cert_file=str(self.cert_file), tls_key_file=str(self.key_file),
+                    tls_client_ca_file=str(self.ca_file))
 
 
 def _channel(port: int, ca: Authority, client=None) -> grpc.aio.Channel:
-    creds = grpc.ssl_channel_credentials(ca.pem, client.key_pem if client else None, client.cert_pem if client else None)
+    key, chain = (client.key_pem, client.cert_pem) if client else (None, None)
+    creds = grpc.ssl_channel_credentials(ca.pem, key, chain)
     options = [("grpc.max_send_message_length", MAX_MESSAGE), ("grpc.max_receive_message_length", MAX_MESSAGE)]
     return grpc.aio.secure_channel(f"127.0.0.1:{port}", creds, options=options)
 
@@ -64,12 +66,14 @@ def _handshake(port: int, ca: Authority, client=None, folder=None) -> bytes:
     context.set_alpn_protocols(["h2"])
     if client is not None:
         context.load_cert_chain(*client.write(folder, "probe"))
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
-        return tls.getpeercert(binary_form=True)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            return tls.getpeercert(binary_form=True)
 
 
 async def _generate(stub, max_tokens: int = 4) -> pb.GenerateComplete:
-    [done] = [r.complete async for r in stub.Generate(request(IDS, temperature=0.0, max_tokens=max_tokens, ignore_eos=True))]
+    req = request(IDS, temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    [done] = [r.complete async for r in stub.Generate(req)]
     return done
 
 

@@ -15,7 +15,7 @@ import grpc
 import pytest
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
-from tests.fixtures import MODEL, request
+from tests.fixtures import request
 from tests.test_lifecycle import servicer_process  # noqa: F401  (fixture)
 from vlm_proto import vllm_engine_pb2_grpc as pb_grpc
 
@@ -80,7 +80,8 @@ def _check_ours(spans: dict[str, list], parent_id: bytes) -> None:
 
 
 @pytest.mark.gateway
-async def test_smgs_trace_reaches_our_spans_and_vllms(servicer_process, receiver, model_path, tmp_path_factory):  # noqa: F811
+async def test_smgs_trace_reaches_our_spans_and_vllms(servicer_process, receiver, model_path,  # noqa: F811
+                                                      tmp_path_factory):
     from tests.test_gateway import _chat_body, _launch
 
     endpoint = f"127.0.0.1:{receiver.port}"
@@ -104,7 +105,8 @@ async def test_smgs_trace_reaches_our_spans_and_vllms(servicer_process, receiver
             status, answer = await gw.chat(_chat_body(gw.model, "Describe the image.", []))
             assert status == 200, answer
             ours = await receiver.until(
-                lambda: [span for _, span in receiver.spans if span.name == "vlm.Generate" and span.trace_id != trace_id],
+                lambda: [span for _, span in receiver.spans
+                         if span.name == "vlm.Generate" and span.trace_id != trace_id],
                 "vlm.Generate span from the gateway's call")
             [generate] = ours
             gateway_trace = generate.trace_id
