@@ -166,7 +166,11 @@ def ssl_context(files: TlsFiles | None) -> ssl.SSLContext | None:
 
 
 def control_ssl_context(config: ServerConfig) -> ssl.SSLContext | None:
-    """The RL control endpoint's server context (None: plain HTTP). Its files default to the gRPC port's."""
+    """The RL control endpoint's server context (None: plain HTTP). Its files default to the gRPC port's.
+
+    With uvicorn, set it after `uvicorn.Config.load()`, which would otherwise build its own from files:
+    `config.load(); config.ssl = control_ssl_context(server_config); await uvicorn.Server(config).serve()`.
+    """
     return ssl_context(config.control_tls)
 
 
