@@ -154,12 +154,17 @@ async def test_what_smgs_client_sees(limited_engine, oracle, model_path, tmp_pat
     async with extra_server(limited_engine, max_n=2, max_concurrent_requests=1) as (front, front_stub), \
             extra_server(limited_engine) as (_, side):
         async for gw in _launch(front, model_path, tmp_path_factory, "inline"):
+            async def retries() -> float:  # SMG's own count of its retries to workers
+                return await asyncio.to_thread(gw.metric, "smg_worker_retries_total")
+
             async def ask(**changes) -> tuple[int, str, dict[str, float]]:
                 images = changes.pop("images", [])
-                before = _attempts(front)
+                before, retried = _attempts(front), await retries()
                 status, body = await gw.chat({**_chat_body(gw.model, "Describe the image.", images), **changes})
-                after = _attempts(front)
-                return status, body, {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
+                after, retried = _attempts(front), await retries() - retried
+                attempts = {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
+                assert retried == max(sum(attempts.values()) - 1, 0), (changes, attempts, retried)  # SMG agrees
+                return status, body, attempts
 
             seen = {}
             with gw.dump_log_on_failure():
