@@ -55,6 +55,7 @@ class Server:
                                "unencrypted and any client may call; give --tls-cert-file/--tls-key-file "
                                "(and --tls-client-ca-file for mTLS), or keep this port inside a mesh that encrypts",
                                config.host)
+        self.health_port: int | None = None
         self.health_server = self._health_only(config) if config.health_port is not None else None
         self.engine = engine
         self.config = config
