@@ -1,8 +1,8 @@
 """TLS for the gRPC port and for HTTP endpoints, re-reading the PEM files when they change.
 
-Neither side does TLS itself. The gRPC port uses gRPC's dynamic server credentials: gRPC asks
-`_Watch.fetch` before every new connection's handshake, and we hand it new files only when they
-changed. HTTP endpoints (the RL control endpoint, metrics) get an `ssl.SSLContext` whose
+Nothing here implements TLS. The gRPC port uses gRPC's dynamic server credentials: gRPC calls
+`GrpcCredentials.fetch` before every new connection's handshake, and it hands gRPC new files only
+when they changed. HTTP endpoints (the RL control endpoint, metrics) get an `ssl.SSLContext` whose
 handshake callback moves each new connection onto a context built from the current files.
 Either way, connections already established keep the certificate they were opened with, and a
 bad file (half written, key not matching) keeps the last good certificate and logs a warning.
