@@ -10,12 +10,14 @@ ring sized for about one 112×112 image.
 import asyncio
 import contextlib
 import json
+import os
 
 import grpc
 import pytest
 import pytest_asyncio
 from google.rpc import error_details_pb2, status_pb2
 
+from engine_adapter.shm_ring import ENV as RING_NAME_ENV
 from servicer.errors import RETRY_AFTER_MS
 from tests.conftest import _start_engine, extra_server
 from tests.fixtures import ENGINE_ARGS, MODEL, image, mm_inputs, request
@@ -31,9 +33,12 @@ TEXT = [(7 * i + 5) % 900 + 20 for i in range(30)]
 
 @pytest_asyncio.fixture(scope="module")
 async def limited_engine():
+    named = RING_NAME_ENV in os.environ
     engine = await _start_engine(MODEL, ENGINE_ARGS + LIMITS)
     yield engine
     engine.shutdown()
+    if not named:  # the engine named its ring after this process; servicers started later must name their own
+        del os.environ[RING_NAME_ENV]
 
 
 async def _refusal(stub, req: pb.GenerateRequest) -> grpc.aio.AioRpcError:
