@@ -58,12 +58,14 @@ $(INCUMBENT_VENV)/.incumbent-setup: bench/incumbent_env.sh scripts/fix_torchvisi
 	touch $@
 
 # Measurements, never assertions: rollout (reference by hash), side by side with the incumbent
-# (`vllm serve --grpc`), tensor transport (inline vs shared memory), replicas behind SMG by routing policy.
+# (`vllm serve --grpc`), tensor transport (inline vs shared memory), replicas behind SMG by routing policy,
+# TLS and tracing on vs off.
 bench: setup model incumbent
 	$(PY) -m bench.rollout
 	$(PY) -m bench.side_by_side --incumbent-venv $(INCUMBENT_VENV) $(BENCH_ARGS)
 	$(PY) -m bench.transport --incumbent-venv $(INCUMBENT_VENV)
 	$(PY) -m bench.replicas
+	$(PY) -m bench.tls_tracing
 
 bench-replicas: setup model
 	$(PY) -m bench.replicas $(BENCH_ARGS)

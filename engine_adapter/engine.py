@@ -7,7 +7,7 @@ sees a vLLM object.
 import asyncio
 import logging
 import os
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 
 import vllm
 from vllm import PoolingParams, SamplingParams
@@ -102,6 +102,8 @@ class Engine:
         self._kv_relay: KvEventRelay | None = None
         self.control = EngineControl(llm, llm.vllm_config.model_config.model)
         self.ordinary_token_ids = ordinary_token_ids(self._tokenizer, self.info.vocab_size)
+        # vLLM's --otlp-traces-endpoint: vLLM has installed the process's tracer provider and takes trace headers.
+        self.traces = llm.observability_config.otlp_traces_endpoint is not None
         mm_config = llm.vllm_config.model_config.multimodal_config
         # With vLLM's shared-memory processor cache, each image is written once per identity
         # into a ring every rank maps, and requests carry only its address.
@@ -131,8 +133,9 @@ class Engine:
         """Pixels as the vision tower takes them (CPU-bound: call off the event loop)."""
         return prepare_pixels(pixels, self._norm, self.info.device_normalizes_pixels, self.info.dtype)
 
-    async def generate(self, request: EngineRequest) -> AsyncIterator[StepOutput]:
-        """Run one request, yielding per-step deltas.
+    async def generate(self, request: EngineRequest, on_admitted: Callable[[], None] | None = None
+                       ) -> AsyncIterator[StepOutput]:
+        """Run one request, yielding per-step deltas; `on_admitted()` once it is handed to vLLM.
 
         Cancelling the consumer aborts the request in the engine (vLLM's generate does
         it on CancelledError/GeneratorExit); vLLM's errors surface as our own types.
@@ -140,6 +143,10 @@ class Engine:
         options = request.sampling
         with engine_errors():
             sampling = to_sampling_params(options, final_only=not request.stream)
+        queue = self._llm.scheduler_config.max_num_queued_reqs
+        if queue is not None and options.n > queue:  # vLLM's admission would refuse it as "busy" forever
+            raise EngineRequestError(
+                f"sampling_params.n: {options.n} exceeds the engine's --max-num-queued-reqs {queue}")
         if request.kv_transfer_params is not None:  # where vLLM's connectors read it
             sampling.extra_args = {**(sampling.extra_args or {}), "kv_transfer_params": request.kv_transfer_params}
         self._check_constraint(options.constraint)
@@ -147,11 +154,14 @@ class Engine:
         # otherwise hold it back until its reasoning parser has seen the thought's end.
         reasoning_ended = True if options.grammar_from_first_token and options.constraint else None
         first = True
+        if on_admitted is not None:
+            on_admitted()
         with engine_errors():
             engine_input = self._engine_input(request)
             async for output in self._llm.generate(engine_input, sampling, request.request_id,
                                                    reasoning_ended=reasoning_ended,
-                                                   data_parallel_rank=request.data_parallel_rank):
+                                                   data_parallel_rank=request.data_parallel_rank,
+                                                   trace_headers=request.trace_headers):
                 step = to_step_output(output, options.logprobs, options.prompt_logprobs, first)
                 _raise_if_failed(step, options)
                 yield step
@@ -188,15 +198,17 @@ class Engine:
 
         All or nothing, and bounded: vLLM's own injection falls back to sending an item that
         does not fit inline, which would make the ring's bound meaningless, so we refuse the
-        request instead (EngineCapacityError) and undo the holds taken on its other items.
+        request instead (EngineRequestError when it can never fit, EngineCapacityError when the
+        ring is full of items in flight) and undo the holds taken on its other items.
         """
         cache = self._llm.renderer.mm_processor_cache
         slots = [(modality, i, h) for modality, hs in hashes.items() for i, h in enumerate(hs)]
         sizes = [_item_nbytes(items[m][i]) for m, i, h in slots if not cache.is_cached_item(h)]
-        if sizes and (max(sizes) > self._shm_item_bytes or sum(sizes) > self._shm_bytes):
-            raise EngineCapacityError(
-                f"images and videos need {sum(sizes)} bytes of shared memory (largest {max(sizes)}); the ring "
-                f"holds {self._shm_bytes} (--mm-shm-gb or --mm-processor-cache-gb) and {self._shm_item_bytes} per item "
+        if sizes and (max(sizes) > self._shm_item_bytes or sum(sizes) > self._shm_bytes):  # can never fit
+            raise EngineRequestError(
+                f"mm_inputs: images and videos need {sum(sizes)} bytes of shared memory (largest {max(sizes)}); the "
+                f"ring holds {self._shm_bytes} (--mm-shm-gb or --mm-processor-cache-gb) and {self._shm_item_bytes} "
+                "per item "
                 "(--mm-shm-cache-max-object-size-mb)")
         held = []  # each item written or found takes a writer hold, released as the ranks read it
         for modality, i, h in slots:
@@ -247,6 +259,12 @@ class Engine:
     async def reset_prefix_cache(self) -> bool:
         with engine_errors():
             return await self._llm.reset_prefix_cache()
+
+    async def reset_prefix_cache_by_rank(self) -> list[bool]:
+        """Each data-parallel rank's own result, in rank order. vLLM's reset_prefix_cache asks every rank
+        the same way and answers their AND; this keeps which rank still holds blocks."""
+        with engine_errors():  # private to AsyncLLM (vLLM 0.32): pinned by tests/test_vllm_private.py
+            return list(await self._llm.engine_core.call_utility_all_async("reset_prefix_cache", False, False))
 
     def num_unfinished_requests(self) -> int:
         """Requests the engine's front end still tracks (0 once everything ended or aborted)."""

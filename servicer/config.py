@@ -16,6 +16,28 @@ class ConfigError(ValueError):
     """A flag value the servicer cannot run with."""
 
 
+# Flags an operator may give as environment variables instead (a Kubernetes Secret mounted as files, named
+# in the pod spec); a flag on the command line wins.
+TLS_ENV = {
+    "tls_cert_file": "VLM_SERVICER_TLS_CERT_FILE",
+    "tls_key_file": "VLM_SERVICER_TLS_KEY_FILE",
+    "tls_client_ca_file": "VLM_SERVICER_TLS_CLIENT_CA_FILE",
+    "control_tls_cert_file": "VLM_SERVICER_CONTROL_TLS_CERT_FILE",
+    "control_tls_key_file": "VLM_SERVICER_CONTROL_TLS_KEY_FILE",
+    "control_tls_client_ca_file": "VLM_SERVICER_CONTROL_TLS_CLIENT_CA_FILE",
+}
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """PEM files of one TLS endpoint: its certificate chain and key, and the CA its clients must present
+    certificates from (None: no client certificate asked for)."""
+
+    cert_file: str
+    key_file: str
+    client_ca_file: str | None = None
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     model: str = DEFAULT_MODEL
@@ -42,6 +64,14 @@ class ServerConfig:
     register_labels: tuple[tuple[str, str], ...] = ()  # extra labels for that entry
     register_interval_s: float = 10.0
     gateway_api_key: str = field(default="", repr=False)  # the gateway's own --api-key, for its /workers API
+    tls_cert_file: str | None = None  # TLS on the gRPC port (with the key); re-read when the files change
+    tls_key_file: str | None = None
+    tls_client_ca_file: str | None = None  # mTLS: client certificates from this CA required
+    # The RL control endpoint's TLS; all three default to the gRPC port's when none of them is given.
+    control_tls_cert_file: str | None = None
+    control_tls_key_file: str | None = None
+    control_tls_client_ca_file: str | None = None
+    health_port: int | None = None  # plaintext grpc.health.v1 only, for probes that cannot speak TLS
     engine_args: tuple[str, ...] = field(default_factory=tuple)  # vLLM's own flags, passed through
 
     def __post_init__(self):
@@ -73,13 +103,50 @@ class ServerConfig:
         if self.control_port is not None and not self.control_api_key and not is_loopback(self.control_host):
             raise ConfigError(f"--control-host {self.control_host}: the control endpoint changes the model every user "
                               "gets; off loopback it needs a key (--control-api-key-file or $" + CONTROL_KEY_ENV + ")")
+        if self.health_port is not None and not 0 <= self.health_port <= 65535:
+            raise ConfigError(f"--health-port {self.health_port}: must be in 0..65535")
+        control = ("control_tls_cert_file", "control_tls_key_file", "control_tls_client_ca_file")
+        if not any(getattr(self, name) for name in control):  # the control endpoint takes the gRPC port's files
+            for name in control:
+                object.__setattr__(self, name, getattr(self, name.removeprefix("control_")))
+        for prefix in ("", "control_"):
+            _check_tls(self, prefix)
 
+    @property
+    def tls(self) -> TlsFiles | None:
+        """The gRPC port's TLS files; None: plaintext."""
+        return _tls_files(self, "")
+
+    @property
+    def control_tls(self) -> TlsFiles | None:
+        """The RL control endpoint's TLS files; None: plain HTTP."""
+        return _tls_files(self, "control_")
 
     @property
     def advertised_host(self) -> str:
         """Where a gateway reaches this worker ("" when only a wildcard bind address is known)."""
         host = self.advertise_host or self.host
         return "" if host in ("0.0.0.0", "::", "") else host
+
+
+def _tls_files(config: ServerConfig, prefix: str) -> TlsFiles | None:
+    cert = getattr(config, f"{prefix}tls_cert_file")
+    if not cert:
+        return None
+    return TlsFiles(cert, getattr(config, f"{prefix}tls_key_file"), getattr(config, f"{prefix}tls_client_ca_file"))
+
+
+def _check_tls(config: ServerConfig, prefix: str) -> None:
+    """Certificate and key come together, a client CA only with them, and each names a readable file."""
+    flag = f"--{prefix.replace('_', '-')}tls"
+    cert, key, ca = (getattr(config, f"{prefix}tls_{name}_file") for name in ("cert", "key", "client_ca"))
+    if bool(cert) != bool(key):
+        raise ConfigError(f"{flag}-cert-file and {flag}-key-file: give both or neither")
+    if ca and not cert:
+        raise ConfigError(f"{flag}-client-ca-file: needs {flag}-cert-file and {flag}-key-file (mTLS is TLS first)")
+    for name, path in (("cert", cert), ("key", key), ("client-ca", ca)):
+        if path and not os.access(path, os.R_OK):
+            raise ConfigError(f"{flag}-{name}-file {path}: not a readable file")
 
 
 def is_loopback(host: str) -> bool:
@@ -142,8 +209,9 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
                         help="memory for images kept for reference-by-hash (0 disables)")
     parser.add_argument("--mm-shm-gb", type=float, default=d.mm_shm_gb,
                         help="with --mm-processor-cache-type shm: GiB of images published to the engine's ranks "
-                             "through shared memory; requests beyond it get RESOURCE_EXHAUSTED. It sets vLLM's "
-                             "--mm-processor-cache-gb (default 4): give one of the two, not both")
+                             "through shared memory; images that never fit get INVALID_ARGUMENT, a ring full of "
+                             "images in flight RESOURCE_EXHAUSTED. It sets vLLM's --mm-processor-cache-gb "
+                             "(default 4): give one of the two, not both")
     parser.add_argument("--pairing-protocol", default=os.environ.get("SMG_PAIRING_PROTOCOL", "").strip(),
                         help="PD pairing protocol reported to SMG (default: $SMG_PAIRING_PROTOCOL, the variable "
                              "SMG's contract names); a prefill and a decode worker pair only when theirs are equal")
@@ -168,6 +236,27 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
                         help="file holding the gateway's own --api-key, if it has one (its /workers API needs it)")
     parser.add_argument("--mm-shm-keep", action="store_true", default=d.mm_shm_keep,
                         help="do not unlink gateway shared-memory segments after reading them (debugging)")
+    _add_tls_flags(parser)
+
+
+def _add_tls_flags(parser: argparse.ArgumentParser) -> None:
+    def env(name: str) -> str | None:
+        return os.environ.get(TLS_ENV[name], "").strip() or None
+
+    for prefix, where in (("", "the gRPC port (and its health, reflection and metrics)"),
+                          ("control_", "the RL control endpoint (default: the gRPC port's files)")):
+        flag = f"--{prefix.replace('_', '-')}tls"
+        parser.add_argument(f"{flag}-cert-file", default=env(f"{prefix}tls_cert_file"),
+                            help=f"PEM certificate chain: TLS on {where}; re-read when the file changes "
+                                 f"(default: ${TLS_ENV[f'{prefix}tls_cert_file']})")
+        parser.add_argument(f"{flag}-key-file", default=env(f"{prefix}tls_key_file"),
+                            help=f"PEM private key of {flag}-cert-file (default: ${TLS_ENV[f'{prefix}tls_key_file']})")
+        parser.add_argument(f"{flag}-client-ca-file", default=env(f"{prefix}tls_client_ca_file"),
+                            help=f"PEM CA bundle: clients of {where} must present a certificate it issued (mTLS) "
+                                 f"(default: ${TLS_ENV[f'{prefix}tls_client_ca_file']})")
+    parser.add_argument("--health-port", type=int, default=None,
+                        help="also serve grpc.health.v1 alone, in plaintext, on this port (same host): for "
+                             "Kubernetes' gRPC probes, which cannot speak TLS; off by default")
 
 
 def _sets_flag(argv: tuple[str, ...], flag: str) -> bool:
@@ -189,4 +278,5 @@ def config_from_args(ns: argparse.Namespace, engine_args: list[str]) -> ServerCo
         register_labels=_labels(ns.register_labels), register_interval_s=ns.register_interval_s,
         gateway_api_key=_read_secret(ns.gateway_api_key_file, "--gateway-api-key-file") if ns.gateway_api_key_file else "",
         engine_args=tuple(engine_args),
+        **{name: getattr(ns, name) for name in TLS_ENV}, health_port=ns.health_port,
     )

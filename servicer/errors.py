@@ -3,9 +3,15 @@
 Validation raises these where it happens; `status_for` is the only mapping from
 an exception to a gRPC code, used by every RPC through `servicer.handlers`.
 Anything that is not one of these is our bug: INTERNAL, never blamed on the client.
+
+A gateway retries RESOURCE_EXHAUSTED (SMG: up to 5 attempts, then HTTP 429), so it means "later, or
+elsewhere" only: a limit no retry can meet (n, logprobs, context, images per prompt, the shared-memory
+ring's size) is INVALID_ARGUMENT naming the field and the flag.
 """
 
 import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import error_details_pb2, status_pb2
 
 from engine_adapter.errors import (
     EngineCapacityError, EngineCursorError, EngineDeadError, EngineOperationError, EngineRequestError,
@@ -30,7 +36,7 @@ class InvalidArgument(ServicerError):
 
 
 class ResourceExhausted(ServicerError):
-    """The request is valid but over a configured limit."""
+    """The request is valid but the capacity it needs is taken right now; a retry may succeed."""
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
@@ -77,8 +83,28 @@ class NotFound(ServicerError):
     code = grpc.StatusCode.NOT_FOUND
 
 
-def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]]:
+# How long a client should wait before retrying a RESOURCE_EXHAUSTED call: a hint, not a measurement.
+RETRY_AFTER_MS = 100
+
+
+def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str, tuple[tuple[str, str | bytes], ...]]:
     """(code, message, trailing metadata) for an exception raised while serving an RPC."""
+    code, message, metadata = _status(exc)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        metadata += _retry_hint(code, message)
+    return code, message, metadata
+
+
+def _retry_hint(code: grpc.StatusCode, message: str) -> tuple[tuple[str, str | bytes], ...]:
+    """gRPC's own retry pushback (honoured by a client whose retry policy covers the code) and the
+    rich error model's RetryInfo (google.rpc.Status in grpc-status-details-bin, code and message as sent)."""
+    detail = any_pb2.Any()
+    detail.Pack(error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(nanos=RETRY_AFTER_MS * 1_000_000)))
+    status = status_pb2.Status(code=code.value[0], message=message, details=[detail])
+    return (("grpc-retry-pushback-ms", str(RETRY_AFTER_MS)), ("grpc-status-details-bin", status.SerializeToString()))
+
+
+def _status(exc: BaseException) -> tuple[grpc.StatusCode, str, tuple[tuple[str, str | bytes], ...]]:
     if isinstance(exc, ServicerError):
         return exc.code, str(exc), exc.metadata
     if isinstance(exc, EngineDeadError):

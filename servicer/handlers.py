@@ -8,6 +8,7 @@ engine stream, which aborts the request in the engine.
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import itertools
 import json
@@ -34,6 +35,7 @@ from servicer.multimodal import media_identity
 from servicer.requests import RequestDecoder
 from servicer.rl import RlController
 from servicer.responses import Accumulator, StreamEncoder
+from servicer.tracing import RequestTrace, Tracing
 from vlm_proto import common_pb2, vllm_engine_pb2 as pb, vllm_engine_pb2_grpc as pb_grpc
 
 logger = logging.getLogger(__name__)
@@ -52,6 +54,7 @@ class InFlight:
     finish_reason: str = ""
     code: str = "OK"  # final gRPC status, for metrics and the log line
     first_response: float | None = None
+    trace: RequestTrace | None = None  # its spans, when the engine exports traces
 
 
 async def _fail(context: grpc.aio.ServicerContext, exc: BaseException, what: str) -> None:
@@ -122,10 +125,11 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
         self._decode_pool = decode_pool
         self.draining = False
         self.in_flight: dict[str, InFlight] = {}
-        self.started = time.time()
-        self.last_receive = 0.0
+        self.started = time.monotonic()  # uptime: a clock that NTP steps cannot move
+        self.last_receive = 0.0  # wall-clock time of the last Generate or Embed call; 0 until one arrives
         self.shm_namespace_id = shm.namespace_id()
         self._tokenizer_bundle: tokenizer_bundle.Bundle | None = None
+        self.tracing = Tracing() if engine.traces else None  # None: no tracing work at all
 
     def close(self) -> None:
         self._decode_pool.shutdown(wait=False, cancel_futures=True)
@@ -135,13 +139,20 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
         self.last_receive = time.time()
         request_id = request.request_id or uuid.uuid4().hex
         state = InFlight(request_id, time.monotonic(), request.stream)
+        trace = state.trace = (self.tracing.start(context.invocation_metadata(), request_id)
+                               if self.tracing is not None else None)
         with self._tracked(state, context):
             if self.engine.info.runner != "generate":
                 raise FailedPrecondition(f"Generate: this engine runs vLLM's {self.engine.info.runner} runner "
                                          "(--runner pooling): it serves Embed; start one with --runner generate "
                                          "to generate")
+            if trace is not None:
+                trace.step("vlm.decode")
             decoded = await self._decode(self.decoder.decode, request, request_id)
             engine_request = decoded.engine
+            if trace is not None:
+                trace.step("vlm.admission")
+                engine_request = dataclasses.replace(engine_request, trace_headers=trace.headers())
             state.prompt_tokens = len(engine_request.prompt_ids)
             await self._send_identities(decoded, context)
             # Prompt logprobs are reported against the prompt as the engine ran it (placeholders
@@ -151,7 +162,10 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
             # A prefill leg's images, by identity, for its decode leg (which then needs no pixels).
             identity = (media_identity(decoded.prompt_ids, engine_request.media)
                         if engine_request.kv_transfer_params is not None and engine_request.media else None)
-            async for step in self.engine.generate(engine_request):
+            admitted = functools.partial(trace.step, "vlm.generation") if trace is not None else None
+            async for step in self.engine.generate(engine_request, admitted):
+                if trace is not None:
+                    trace.output()
                 state.cached_tokens = step.cached_tokens
                 state.completion_tokens += sum(len(s.token_ids) for s in step.samples)
                 state.finish_reason = next((s.finish_reason for s in step.samples if s.finish_reason), state.finish_reason)
@@ -280,6 +294,8 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
         m.prompt_tokens.inc(state.prompt_tokens)
         m.completion_tokens.inc(state.completion_tokens)
         m.cached_tokens.inc(state.cached_tokens)
+        if state.trace is not None:
+            state.trace.end(state.code, state.prompt_tokens, state.completion_tokens)
         if not self.engine.info.log_requests:  # vLLM's --enable-log-requests (off by default, as in vLLM)
             return
         logger.info(
@@ -345,7 +361,7 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
             checkpoint_path=self.engine.control.checkpoint,
             active_requests=len(self.in_flight),
             last_receive_timestamp=self.last_receive,
-            uptime_seconds=time.time() - self.started,
+            uptime_seconds=time.monotonic() - self.started,
             server_type="vlm-servicer",
             data_parallel_size=info.data_parallel_size,
             shm_namespace_id=self.shm_namespace_id,
@@ -428,12 +444,17 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
 
     @_guard
     async def FlushCache(self, request: common_pb2.FlushCacheRequest, context) -> common_pb2.FlushCacheResponse:
+        """Every data-parallel rank's prefix cache, retried within `timeout_s` while requests hold blocks;
+        the message names the ranks that could not be flushed."""
         deadline = time.monotonic() + max(request.timeout_s, 0.0)
         while True:
-            if await self.engine.reset_prefix_cache():
-                return common_pb2.FlushCacheResponse(success=True, message="prefix cache flushed")
+            flushed = await self.engine.reset_prefix_cache_by_rank()
+            ranks = ", ".join(str(rank) for rank in range(len(flushed)))
+            if all(flushed):
+                return common_pb2.FlushCacheResponse(success=True, message=f"prefix cache flushed on rank(s) {ranks}")
             if time.monotonic() >= deadline:
+                held = ", ".join(str(rank) for rank, ok in enumerate(flushed) if not ok)
                 return common_pb2.FlushCacheResponse(
-                    success=False, message="requests still hold cache blocks; retry or pass timeout_s"
-                )
+                    success=False, message=f"rank(s) {held} of {ranks}: requests still hold cache blocks; retry "
+                                           "or pass timeout_s")
             await asyncio.sleep(0.05)

@@ -1,8 +1,13 @@
 """Prometheus metrics for the servicer, on a registry of our own (vLLM keeps its own)."""
 
+import socket
+import ssl
+import threading
 from collections.abc import Callable
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app, start_http_server
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from servicer.image_store import ImageStore
@@ -38,10 +43,36 @@ class Metrics:
         self.registry.register(_StoreCollector(store))
         self.registry.register(_PromptSourceCollector(prompt_sources))
 
-    def serve(self, host: str, port: int) -> int:
-        """Start the HTTP endpoint (a daemon thread); return the bound port (port 0 picks one)."""
-        server, _ = start_http_server(port, addr=host, registry=self.registry)
+    def serve(self, host: str, port: int, context: ssl.SSLContext | None = None) -> int:
+        """Start the HTTP endpoint (a daemon thread), HTTPS with `context`; return the bound port (0 picks one)."""
+        if context is None:
+            server, _ = start_http_server(port, addr=host, registry=self.registry)
+            return server.server_port
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        server_class = type("HttpsServer", (_HttpsServer,), {"address_family": family, "context": context})
+        server = make_server(host.strip("[]"), port, make_wsgi_app(self.registry), server_class,
+                             handler_class=_QuietHandler)
+        threading.Thread(target=server.serve_forever, name="metrics-https", daemon=True).start()
         return server.server_port
+
+
+class _HttpsServer(ThreadingWSGIServer):
+    """prometheus_client's server behind TLS. The handshake runs in each request's thread (on its first read),
+    not in the accept loop, so a client that stalls mid-handshake holds up no one else."""
+
+    context: ssl.SSLContext
+
+    def get_request(self):
+        sock, address = self.socket.accept()
+        return self.context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False), address
+
+    def handle_error(self, request, client_address):
+        pass  # a refused handshake (no or wrong client certificate) is the client's problem, not a traceback
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format, *args):
+        pass
 
 
 class _PromptSourceCollector:

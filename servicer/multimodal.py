@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from engine_adapter.types import MediaItem, ModelInfo
-from servicer.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from servicer.errors import FailedPrecondition, InvalidArgument
 from servicer.identity import image_identity, pad_values
 from servicer.image_store import ImageStore, StoredImage
 from servicer.placeholders import place_items
@@ -269,7 +269,8 @@ def decode_media(
     count = grid.shape[0]
     limit = info.mm_item_limits.get(kind.name, 0)
     if count > limit:
-        raise ResourceExhausted(f"{where}: {count} {kind.name}s exceed this engine's limit of {limit} per prompt")
+        raise InvalidArgument(f"{where}: {count} {kind.name}s exceed this engine's limit of {limit} per prompt "
+                              "(--limit-mm-per-prompt)")
     _check_layout_keys(mm, kind, where, count)
     rows = grid.prod(-1).tolist()
     sent_rows = _rows_per_item(mm, kind, where, rows, policy.unlink_shm) if mm.HasField("pixel_values") else [0] * count

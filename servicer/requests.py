@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from engine_adapter.types import Constraint, EngineRequest, MediaItem, ModelInfo, SamplingOptions
-from servicer.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from servicer.errors import FailedPrecondition, InvalidArgument
 from servicer.multimodal import MODALITIES, ImagePolicy, decode_media, engine_prompt_ids
 from servicer.placeholders import expanded, shifted
 from servicer.tensors import payload_nbytes
@@ -147,18 +147,18 @@ def sampling_options(sp: pb.SamplingParams, prompt_len: int, info: ModelInfo, ma
     room = info.max_model_len - prompt_len
     max_tokens = given.pop("max_tokens", room)
     if max_tokens > room:
-        raise ResourceExhausted(
+        raise InvalidArgument(
             f"sampling_params.max_tokens: {max_tokens} exceeds the {room} tokens left after a "
-            f"{prompt_len}-token prompt (context {info.max_model_len})"
+            f"{prompt_len}-token prompt (context {info.max_model_len}, --max-model-len)"
         )
     if max_tokens < 1:
         raise InvalidArgument("sampling_params.max_tokens: must be at least 1")
     n = given.get("n", 1)
     if n > max_n:
-        raise ResourceExhausted(f"sampling_params.n: {n} exceeds this servicer's limit of {max_n}")
+        raise InvalidArgument(f"sampling_params.n: {n} exceeds this servicer's limit of {max_n} (--max-n)")
     for name in ("logprobs", "prompt_logprobs"):
         if name in given and not -1 <= given[name] <= info.max_logprobs:
-            raise ResourceExhausted(
+            raise InvalidArgument(
                 f"sampling_params.{name}: {given[name]} is outside [-1, {info.max_logprobs}] (engine --max-logprobs)"
             )
     if sp.min_tokens > max_tokens:

@@ -12,7 +12,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from engine_adapter.types import EngineClient
-from servicer.config import ServerConfig
+from servicer.config import ServerConfig, is_loopback
 from servicer.control import ControlEndpoint
 from servicer.handlers import VllmEngineServicer
 from servicer.image_store import ImageStore
@@ -23,6 +23,7 @@ from servicer.registrar import GatewayRegistration, stop as stop_registration
 from servicer.requests import RequestDecoder
 from servicer.rl import CAPABILITY_LABELS, RlController
 from servicer.shm import ConsumedSegments
+from servicer.tls import control_ssl_context, grpc_server_credentials, ssl_context
 from vlm_proto import vllm_engine_pb2 as pb, vllm_engine_pb2_grpc as pb_grpc
 
 logger = logging.getLogger(__name__)
@@ -55,7 +56,20 @@ class Server:
         pb_grpc.add_VllmEngineServicer_to_server(self.servicer, self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc)
-        self.port = self.grpc.add_insecure_port(f"{config.host}:{config.port}")
+        # Health and reflection share the port, so they take its TLS choice; metrics follow it in start().
+        self.credentials = grpc_server_credentials(config)
+        address = f"{config.host}:{config.port}"
+        if self.credentials is not None:
+            self.port = self.grpc.add_secure_port(address, self.credentials.credentials)
+        else:
+            self.port = self.grpc.add_insecure_port(address)
+            if not is_loopback(config.host):
+                logger.warning("serving plaintext gRPC on %s: token ids, images and outputs cross the network "
+                               "unencrypted and any client may call; give --tls-cert-file/--tls-key-file "
+                               "(and --tls-client-ca-file for mTLS), or keep this port inside a mesh that encrypts",
+                               config.host)
+        self.health_port: int | None = None
+        self.health_server = self._health_only(config) if config.health_port is not None else None
         self.engine = engine
         self.config = config
         self.metrics_port: int | None = None
@@ -63,20 +77,41 @@ class Server:
         self.registration: GatewayRegistration | None = None
         self._registering: asyncio.Task | None = None
 
+    def _health_only(self, config: ServerConfig) -> grpc.aio.Server:
+        """grpc.health.v1 alone, in plaintext, for Kubernetes' gRPC probes (the kubelet cannot speak TLS).
+        It tells only SERVING or NOT_SERVING, from the same health state as the main port."""
+        server = grpc.aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        self.health_port = server.add_insecure_port(f"{config.host}:{config.health_port}")
+        return server
+
     async def start(self) -> None:
         if self.config.metrics_port is not None:
-            self.metrics_port = self.metrics.serve(self.config.host, self.config.metrics_port)
-            logger.info("metrics on http://%s:%d/metrics", self.config.host, self.metrics_port)
+            context = ssl_context(self.config.tls)  # metrics follow the gRPC port's TLS choice
+            self.metrics_port = self.metrics.serve(self.config.host, self.config.metrics_port, context)
+            logger.info("metrics on http%s://%s:%d/metrics", "s" * bool(self.config.tls), self.config.host,
+                        self.metrics_port)
         self.engine.start_kv_events()
         await self.grpc.start()
         if self.control is not None:
-            self.control_port = await self.control.start(self.config.control_host, self.config.control_port)
-            logger.info("RL control endpoint on http://%s:%d (%s)", self.config.control_host, self.control_port,
-                        "bearer key required" if self.config.control_api_key else "no key: loopback only")
+            self.control_port = await self.control.start(self.config.control_host, self.config.control_port,
+                                                         control_ssl_context(self.config))
+            logger.info("RL control endpoint on %s://%s:%d (%s)", self.control_scheme, self.config.control_host,
+                        self.control_port, "bearer key required" if self.config.control_api_key
+                        else "no key: loopback only")
         if self.config.register_with:
             self._register()
+        if self.health_server is not None:
+            await self.health_server.start()
+            logger.info("plaintext health checks on %s:%d", self.config.host, self.health_port)
         await self._set_serving(health_pb2.HealthCheckResponse.SERVING)
-        logger.info("serving %s on %s:%d", self.engine.info.served_model_name, self.config.host, self.port)
+        logger.info("serving %s on %s:%d%s", self.engine.info.served_model_name, self.config.host, self.port,
+                    " (TLS, client certificates required)" if self.config.tls and self.config.tls.client_ca_file
+                    else " (TLS)" if self.config.tls else "")
+
+    @property
+    def control_scheme(self) -> str:
+        return "https" if self.config.control_tls else "http"
 
     def _register(self) -> None:
         """Keep this worker's entry in the gateway labelled (servicer/registrar.py)."""
@@ -85,7 +120,7 @@ class Server:
         async def labels() -> dict[str, str]:
             current = {**dict(config.register_labels), "weight_version": await self.engine.control.weight_version()}
             if self.control is not None:
-                current |= CAPABILITY_LABELS | {"rl.control_url": f"http://{host}:{self.control_port}"}
+                current |= CAPABILITY_LABELS | {"rl.control_url": f"{self.control_scheme}://{host}:{self.control_port}"}
             return current
 
         self.registration = GatewayRegistration(config.register_with, f"grpc://{host}:{self.port}", labels,
@@ -115,6 +150,8 @@ class Server:
         await self.grpc.stop(max(0.0, deadline - time.monotonic()))
         if self.control is not None:
             await self.control.stop()
+        if self.health_server is not None:
+            await self.health_server.stop(0)
         self.servicer.close()
 
     async def watch_engine(self) -> None:

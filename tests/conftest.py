@@ -72,6 +72,8 @@ async def _serve(engine, model, **overrides):
         if server.control is not None:
             await server.control.stop()
         await stop_registration(server._registering)
+        if server.health_server is not None:
+            await server.health_server.stop(0)
         server.servicer.close()
 
 

@@ -1,4 +1,4 @@
-"""Bad input gets INVALID_ARGUMENT (RESOURCE_EXHAUSTED for limits) naming the field; the engine keeps serving."""
+"""Bad input gets INVALID_ARGUMENT naming the field (fixed limits too: see test_error_codes.py); the engine keeps serving."""
 
 import grpc
 import pytest
@@ -8,7 +8,7 @@ from tests.fixtures import image, mm_inputs, request, tensor
 from vlm_proto import common_pb2, vllm_engine_pb2 as pb
 
 pytestmark = pytest.mark.engine
-INVALID, EXHAUSTED = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
 
 @pytest.fixture(scope="module")
@@ -51,9 +51,9 @@ def _bad_requests(oracle, one_image, vocab, max_len):
             INVALID, "overlaps"),
         "grid vs pixel rows": (request(ids, mm=two_grids, max_tokens=4), INVALID, "image_grid_thw implies"),
         "grid too small": (request(ids, mm=short_grid, max_tokens=4), INVALID, "mm_inputs.pixel_values: shape"),
-        "n over limit": (request(text, n=99, max_tokens=4), EXHAUSTED, "sampling_params.n"),
-        "max_tokens over context": (request(text, max_tokens=max_len), EXHAUSTED, "sampling_params.max_tokens"),
-        "logprobs over limit": (request(text, max_tokens=2, logprobs=1000), EXHAUSTED, "sampling_params.logprobs"),
+        "n over limit": (request(text, n=99, max_tokens=4), INVALID, "sampling_params.n"),
+        "max_tokens over context": (request(text, max_tokens=max_len), INVALID, "sampling_params.max_tokens"),
+        "logprobs over limit": (request(text, max_tokens=2, logprobs=1000), INVALID, "sampling_params.logprobs"),
         "negative temperature": (request(text, max_tokens=4, temperature=-1.0), INVALID, "sampling_params.temperature"),
         "negative top_p": (request(text, max_tokens=4, top_p=-0.5), INVALID, "sampling_params.top_p"),
         "min_p over 1": (request(text, max_tokens=4, min_p=1.5), INVALID, "sampling_params.min_p"),
@@ -98,7 +98,7 @@ def _bad_requests(oracle, one_image, vocab, max_len):
         "videos over limit": (  # the session engine runs with --limit-mm-per-prompt video 0
             request(ids, mm=pb.MultimodalInputs(pixel_values=tensor(pv), modality=common_pb2.VIDEO,
                                                 model_specific_tensors={"video_grid_thw": tensor(grid)}), max_tokens=4),
-            EXHAUSTED, "1 videos exceed this engine's limit of 0"),
+            INVALID, "1 videos exceed this engine's limit of 0"),
         "two image batches": (
             request(ids, mm=mm(), max_tokens=4, extra=[mm()]), INVALID, "extra_mm_inputs[0].modality: a second image batch"),
         "shm payload": (

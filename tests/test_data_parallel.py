@@ -1,6 +1,7 @@
 """Data parallelism: one servicer over vLLM's own `--data-parallel-size 2` (two engine cores, CPU build).
 
 - GetServerInfo reports the size, GetLoads one record per rank; a rank outside the group is INVALID_ARGUMENT;
+- FlushCache empties every rank's prefix cache, and names the rank that could not be flushed;
 - a request pinned with `data_parallel_rank` runs on that rank: its KV events arrive under that `dp_rank`,
   and both ranks answer the same prompt with the same ids;
 - SMG with `--dp-aware` registers one worker per rank from GetServerInfo and pins its requests to them.
@@ -18,7 +19,7 @@ from tests.conftest import _start_engine, extra_server
 from tests.fixtures import ENGINE_ARGS, MODEL, request
 from tests.test_gateway import _chat_body, _launch
 from tests.test_kv_events import Subscription, _stored_with
-from vlm_proto import vllm_engine_pb2 as pb
+from vlm_proto import common_pb2, vllm_engine_pb2 as pb
 
 pytestmark = pytest.mark.engine
 RANKS = 2
@@ -79,6 +80,32 @@ async def test_a_pinned_request_runs_on_its_rank(dp, dp_engine):
         assert outputs[0] == outputs[1], "both ranks hold the same weights"
     finally:
         sub.close()
+
+
+async def test_flush_cache_covers_every_rank(dp, dp_engine):
+    _, stub = dp
+    ids = [(3 * i + 2) % 900 + 20 for i in range(2 * dp_engine.info.block_size + 5)]
+
+    async def cached(rank: int) -> int:
+        [done] = [r.complete async for r in stub.Generate(_pinned(request(ids, temperature=0.0, max_tokens=1), rank))]
+        return done.cached_tokens
+
+    for rank in range(RANKS):
+        await cached(rank)
+        assert await cached(rank) > 0, f"rank {rank} did not cache the prompt"
+    flushed = await stub.FlushCache(common_pb2.FlushCacheRequest(timeout_s=5))
+    assert flushed.success and flushed.message == "prefix cache flushed on rank(s) 0, 1"
+    assert [await cached(rank) for rank in range(RANKS)] == [0, 0]
+
+    # A request running on rank 1 holds blocks there: rank 0 flushes, rank 1 cannot, and the answer says so.
+    running = stub.Generate(_pinned(request(ids, stream=True, max_tokens=3000, ignore_eos=True), 1))
+    await running.read()
+    try:
+        held = await stub.FlushCache(common_pb2.FlushCacheRequest(timeout_s=0))
+        assert not held.success and held.message.startswith("rank(s) 1 of 0, 1:"), held.message
+        assert await cached(0) == 0
+    finally:
+        running.cancel()
 
 
 async def test_a_rank_outside_the_group_is_invalid_argument(dp):

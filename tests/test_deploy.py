@@ -274,20 +274,46 @@ def test_termination_grace_exceeds_drain_timeout():
         f"terminationGracePeriodSeconds {grace_s} must exceed preStop {pre_stop_s} s + --drain-timeout {drain_s} s"
 
 
-def test_probes_are_grpc_health_checks_on_the_grpc_port():
+def test_probes_are_grpc_health_checks_on_the_plaintext_health_port():
+    """The kubelet's gRPC probe cannot speak TLS, so the probes ask the --health-port (grpc.health.v1 alone,
+    plaintext, the same health state as the TLS port)."""
     container = _container()
-    grpc_ports = [p["containerPort"] for p in container["ports"] if p["name"] == "grpc"]
-    assert len(grpc_ports) == 1, "one container port named grpc"
-    assert _flags(container["args"])["--port"] == str(grpc_ports[0]), "--port must be the grpc containerPort"
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    flags = _flags(container["args"])
+    assert flags["--port"] == str(ports["grpc"]), "--port must be the grpc containerPort"
+    assert flags["--health-port"] == str(ports["health"]), "--health-port must be the health containerPort"
     allowed_services = {"", _engine_service_name()}
     for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
         probe = container.get(kind)
         assert probe, f"{kind} missing"
         handlers = {"grpc", "httpGet", "tcpSocket", "exec"} & probe.keys()
         assert handlers == {"grpc"}, f"{kind} must be a native grpc probe, has {handlers}"
-        assert probe["grpc"]["port"] == grpc_ports[0], f"{kind} probes port {probe['grpc']['port']}"
+        assert probe["grpc"]["port"] == ports["health"], f"{kind} probes port {probe['grpc']['port']}"
         assert probe["grpc"].get("service", "") in allowed_services, \
             f"{kind} service {probe['grpc'].get('service')!r} is not one the servicer reports"
+
+
+def _tls_env(container: dict) -> dict[str, str]:
+    from servicer.config import TLS_ENV
+
+    names = {TLS_ENV[f"tls_{name}_file"] for name in ("cert", "key", "client_ca")}
+    return {e["name"]: e.get("value", "") for e in container.get("env", []) if e["name"] in names}
+
+
+def test_tls_files_come_from_a_mounted_secret():
+    """mTLS on the gRPC port from a Secret mounted as a folder (a subPath mount never sees a rotation), its
+    three keys as cert-manager writes them; metrics follow the TLS choice, so the scrape scheme is https."""
+    pod, container = _pod_spec(), _container()
+    env = _tls_env(container)
+    assert len(env) == 3 and all(env.values()), env
+    mounts = [m for m in container["volumeMounts"] if all(v.startswith(m["mountPath"].rstrip("/") + "/")
+                                                          for v in env.values())]
+    assert len(mounts) == 1 and mounts[0].get("readOnly") is True and "subPath" not in mounts[0], mounts
+    volume = next(v for v in pod["volumes"] if v["name"] == mounts[0]["name"])
+    assert "secret" in volume, "the TLS files must come from a Secret"
+    assert {pathlib.PurePosixPath(v).name for v in env.values()} == {"tls.crt", "tls.key", "ca.crt"}
+    annotations = _one("Deployment")["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scheme"] == "https"
 
 
 def test_startup_probe_allows_model_load():
@@ -398,7 +424,7 @@ def test_dockerfile_entrypoint_ports_and_user():
     assert cmd["--host"] == "0.0.0.0"
     exposed = {int(port.split("/")[0]) for instruction, rest in final if instruction == "EXPOSE"
                for port in rest.split()}
-    assert exposed == {int(cmd["--port"]), int(cmd["--metrics-port"])}
+    assert exposed == {int(cmd["--port"]), int(cmd["--health-port"]), int(cmd["--metrics-port"])}
     container_ports = {p["containerPort"] for p in _container()["ports"]}
     assert container_ports == exposed, "Deployment container ports differ from the image's EXPOSE"
 
@@ -460,7 +486,12 @@ def test_scale_out_router_finds_the_replicas_it_should():
     assert "--service-discovery" in router_flags and router_flags["--policy"] == "cache_aware"
 
     # Discovery publishes only Ready pods: the servicer's readiness probe is what takes a draining one out.
-    assert servicer_container["readinessProbe"]["grpc"]["port"] == grpc_port
+    health_port = next(p["containerPort"] for p in servicer_container["ports"] if p["name"] == "health")
+    assert servicer_container["readinessProbe"]["grpc"]["port"] == health_port == int(flags["--health-port"])
+
+    # SMG 1.13 dials workers in plaintext gRPC: the overlay turns the base's TLS off (and the scrape scheme back).
+    assert _tls_env(servicer_container) and not any(_tls_env(servicer_container).values())
+    assert servicer["spec"]["template"]["metadata"]["annotations"]["prometheus.io/scheme"] == "http"
 
     events = json.loads(flags["--kv-events-config"])
     assert events["enable_kv_cache_events"] and events["publisher"] == "zmq"

@@ -1,10 +1,14 @@
 """Management RPCs, standard health and reflection, over real gRPC on the real engine."""
 
+import asyncio
+import time
+
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from tests.conftest import extra_server
 from tests.fixtures import request
 from vlm_proto import common_pb2, vllm_engine_pb2 as pb
 
@@ -21,6 +25,31 @@ async def test_model_and_server_info(stub, engine):
     assert server.mm_item_limits == "image=8"
     assert server.max_num_seqs == engine.info.max_num_seqs and server.uptime_seconds > 0
     assert server.multimodal_encoder_dtype == "float32"
+
+
+async def test_server_info_reports_calls_in_flight_last_receive_and_uptime(engine):
+    """What SMG may read of the worker's state, checked against what happened (a server of its own)."""
+    ids = [(5 * i + 7) % 900 + 20 for i in range(20)]
+    async with extra_server(engine) as (server, stub):
+        idle = await stub.GetServerInfo(pb.GetServerInfoRequest())
+        assert (idle.active_requests, idle.last_receive_timestamp) == (0, 0.0)  # nothing received yet
+        sent = time.time()
+        calls = [stub.Generate(request(ids, stream=True, max_tokens=3000, ignore_eos=True)) for _ in range(2)]
+        for call in calls:
+            await call.read()
+        busy = await stub.GetServerInfo(pb.GetServerInfoRequest())
+        assert busy.active_requests == 2
+        assert sent <= busy.last_receive_timestamp <= time.time()
+        for call in calls:
+            call.cancel()
+        while server.servicer.in_flight:
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.1)
+        after = await stub.GetServerInfo(pb.GetServerInfoRequest())
+        assert after.active_requests == 0
+        assert after.last_receive_timestamp == busy.last_receive_timestamp  # info calls are not requests
+        assert idle.uptime_seconds < busy.uptime_seconds < after.uptime_seconds
+        assert abs(after.uptime_seconds - (time.monotonic() - server.servicer.started)) < 1
 
 
 async def test_health_check_and_standard_health(stub, channel):
@@ -50,7 +79,7 @@ async def test_loads_and_flush_cache(stub, oracle):
     assert loads.dp_rank_count == 1 and loads.loads[0].num_total_reqs == 0
     assert 0.0 < loads.loads[0].cache_hit_rate <= 1.0
     flushed = await stub.FlushCache(common_pb2.FlushCacheRequest(timeout_s=5))
-    assert flushed.success
+    assert flushed.success and flushed.message == "prefix cache flushed on rank(s) 0"
     [after] = [r.complete async for r in stub.Generate(request(ids, temperature=0.0, max_tokens=1))]
     assert after.cached_tokens == 0  # the flush really emptied the prefix cache
 

@@ -1,7 +1,7 @@
 """Tensor parallelism on the CPU engine (2 ranks): images published once per identity in vLLM's
 shared-memory object store, mapped by both ranks; outputs equal Hugging Face's; the ring is
-bounded by --mm-shm-gb (RESOURCE_EXHAUSTED beyond, the engine keeps serving); rings of dead
-servicers swept at start."""
+bounded by --mm-shm-gb (INVALID_ARGUMENT for images that can never fit, the engine keeps serving);
+rings of dead servicers swept at start."""
 
 import asyncio
 import os
@@ -36,7 +36,7 @@ async def test_two_ranks_share_images_published_once(servicer_process, oracle): 
         ids = oracle.chat_ids("Describe the image.", 1, big.tokens_per_image)
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             [r async for r in stub.Generate(request(ids, mm=mm_inputs(big.pixel_values, big.grid), max_tokens=1))]
-        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "--mm-shm-gb" in refused.value.details()
         for imgs in (a, b, a):
             ids = oracle.chat_ids("Describe the image.", 1, imgs.tokens_per_image)

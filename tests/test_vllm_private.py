@@ -5,7 +5,9 @@ Prometheus logger: a PrometheusStatLogger stat-logger factory). The rest, with w
   * a processor's `_get_mm_fields_config` (engine_adapter/prompt.py): the model's own tensor layout;
   * the shm sender cache's `_shm_cache.writer_flag` (engine_adapter/shm_ring.release_holds);
   * `ZmqEventPublisher._is_bind_endpoint` (engine_adapter/kv_events.py): who binds the KV-event socket;
-  * `shm_broadcast.SHM_READER_RECHECK_INTERVAL_MS` (engine_adapter/vllm_plugins.py).
+  * `shm_broadcast.SHM_READER_RECHECK_INTERVAL_MS` (engine_adapter/vllm_plugins.py);
+  * the engine-core client's `call_utility_all_async` (engine_adapter/engine.py reset_prefix_cache_by_rank):
+    each data-parallel rank's own answer, which AsyncLLM.reset_prefix_cache folds into one.
 No engine is started.
 """
 
@@ -108,3 +110,17 @@ def test_shm_reader_recheck_plugin(monkeypatch):
     vllm_plugins.bound_idle_shm_waits()
     wait = shm_broadcast.MessageQueue.ReadTimeoutWithWarnings(None, should_warn=False)
     assert wait.timeout_ms() == 20, CHANGED.format(what="what caps an idle shared-memory reader's wait", where=where)
+
+
+def test_the_core_client_asks_every_rank_for_its_own_prefix_cache_reset():
+    """FlushCache names the ranks that could not flush: AsyncLLM's `engine_core.call_utility_all_async` returns
+    one result per engine core, and EngineCore.reset_prefix_cache takes (reset_running_requests, reset_connector)."""
+    from vllm.v1.engine.async_llm import AsyncLLM
+    from vllm.v1.engine.core import EngineCore
+    from vllm.v1.engine.core_client import AsyncMPClient
+
+    where = "engine_adapter/engine.py::reset_prefix_cache_by_rank"
+    assert "call_utility_all_async" in vars(AsyncMPClient), CHANGED.format(what="AsyncMPClient.call_utility_all_async", where=where)
+    assert list(inspect.signature(EngineCore.reset_prefix_cache).parameters) == [
+        "self", "reset_running_requests", "reset_connector"], CHANGED.format(what="EngineCore.reset_prefix_cache", where=where)
+    assert "engine_core" in inspect.getsource(AsyncLLM.__init__), CHANGED.format(what="AsyncLLM.engine_core", where=where)
