@@ -515,3 +515,27 @@ def test_router_image_pins_the_gateway_release_the_tests_ran():
     assert f"smg=={version('smg')}" in ROUTER_DOCKERFILE.read_text()
     images = _documents(SCALE_OUT / "kustomization.yaml")[0]["images"]
     assert {"name": "smg", "newName": "smg", "newTag": version("smg")} in images
+
+
+def test_scale_out_overlay_wires_the_rl_control_plane():
+    """Each replica serves the control endpoint with its key from a Secret and keeps its router entry labelled
+    with an rl.control_url on that port (SMG's discovery copies no pod labels); the router mounts /v1/rl."""
+    documents = _kustomize(SCALE_OUT)
+    servicer = _rendered(documents, "Deployment", "vlm-servicer")
+    router = _rendered(documents, "Deployment", "smg-router")
+    [container] = servicer["spec"]["template"]["spec"]["containers"]
+    [router_container] = router["spec"]["template"]["spec"]["containers"]
+    flags, router_flags = _flags(container["args"]), _flags(router_container["args"])
+    assert "--enable-rl" in router_flags
+    control_port = next(p["containerPort"] for p in container["ports"] if p["name"] == "control")
+    assert int(flags["--control-port"]) == control_port and flags["--control-host"] == "0.0.0.0"
+    env = {e["name"]: e for e in container["env"]}
+    key = env["VLM_SERVICER_CONTROL_API_KEY"]["valueFrom"]["secretKeyRef"]
+    assert key["name"] and key["key"] and not key.get("optional"), "no key, no pod: off loopback the key is required"
+    # The registration names the router's Service and the pod's own address, as discovery lists it.
+    service = _rendered(documents, "Service", "smg-router")
+    http_port = next(p["port"] for p in service["spec"]["ports"] if p["name"] == "http")
+    assert flags["--register-with"] == f"http://smg-router:{http_port}"
+    assert flags["--advertise-host"] == "$(POD_IP)"
+    assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+    assert "rl.group=" in flags["--register-labels"]
