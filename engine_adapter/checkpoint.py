@@ -62,8 +62,9 @@ def check_replaceable(current: str, candidate: str) -> pathlib.Path:
     """Raise EngineRequestError (naming what differs) unless `candidate` can be loaded over `current`."""
     new = pathlib.Path(candidate)
     if not new.is_absolute():
-        raise EngineRequestError(f"model_path: {candidate!r} must be an absolute path (the engine's working "
-                                 "directory is not the caller's)")
+        raise EngineRequestError(
+            f"model_path: {candidate!r} must be an absolute path (the engine's working directory is not the caller's)"
+        )
     if not new.is_dir():
         raise EngineRequestError(f"model_path: {candidate} is not a directory on this worker")
     old = pathlib.Path(current)
@@ -81,8 +82,10 @@ def check_replaceable(current: str, candidate: str) -> pathlib.Path:
         problems.append(f"{len(extra)} unknown tensors (e.g. {extra[0]})")
     if reshaped:
         name = reshaped[0]
-        problems.append(f"{len(reshaped)} tensors of another shape (e.g. {name} {list(new_shapes[name])}, "
-                        f"running {list(old_shapes[name])})")
+        problems.append(
+            f"{len(reshaped)} tensors of another shape (e.g. {name} {list(new_shapes[name])}, "
+            f"running {list(old_shapes[name])})"
+        )
     if problems:
         raise EngineRequestError(f"model_path: {candidate} does not match the running model: {'; '.join(problems)}")
     return new

@@ -53,8 +53,10 @@ class EngineControl:
         if mode not in PAUSE_MODES:
             raise EngineRequestError(f"mode: {mode!r} is not one of {', '.join(PAUSE_MODES)}")
         if level > 0 and not self.sleep_mode:
-            raise EngineStateError(f"level: sleep level {level} frees device memory, which needs the engine started "
-                                   "with --enable-sleep-mode (CUDA only); level 0 pauses scheduling alone")
+            raise EngineStateError(
+                f"level: sleep level {level} frees device memory, which needs the engine started "
+                "with --enable-sleep-mode (CUDA only); level 0 pauses scheduling alone"
+            )
         with engine_errors(operation="sleep"):
             await self._llm.sleep(level, mode)
 
@@ -91,26 +93,32 @@ class EngineControl:
         previous = self.checkpoint
         try:
             with engine_errors(operation=f"reloading weights from {path}"):
-                await self._llm.collective_rpc("reload_weights", kwargs={"weights_path": path,
-                                                                          "is_checkpoint_format": True})
+                await self._llm.collective_rpc(
+                    "reload_weights", kwargs={"weights_path": path, "is_checkpoint_format": True}
+                )
             self.checkpoint = path
         except EngineOperationError as failure:
             logger.error("refit from %s failed (%s); loading %s back", path, failure, previous)
             try:
                 with engine_errors(operation=f"restoring weights from {previous}"):
-                    await self._llm.collective_rpc("reload_weights", kwargs={"weights_path": previous,
-                                                                              "is_checkpoint_format": True})
+                    await self._llm.collective_rpc(
+                        "reload_weights", kwargs={"weights_path": previous, "is_checkpoint_format": True}
+                    )
             except EngineOperationError as restore_failure:
-                raise EngineOperationError(f"{failure}; restoring {previous} failed too ({restore_failure}): "
-                                           "the weights are in an unknown state, restart this worker") from failure
+                raise EngineOperationError(
+                    f"{failure}; restoring {previous} failed too ({restore_failure}): "
+                    "the weights are in an unknown state, restart this worker"
+                ) from failure
             raise EngineOperationError(f"{failure}; the previous weights ({previous}) were loaded back") from failure
         finally:
             await self.forget_old_weights()
 
     def require_weight_transfer(self) -> None:
         if not self.weight_transfer:
-            raise EngineStateError("weight transfer is not configured: start the engine with vLLM's "
-                                   "--weight-transfer-config '{\"backend\": \"nccl\"}'")
+            raise EngineStateError(
+                "weight transfer is not configured: start the engine with vLLM's "
+                '--weight-transfer-config \'{"backend": "nccl"}\''
+            )
 
     async def init_weight_transfer(self, init_info: dict[str, Any]) -> None:
         self.require_weight_transfer()
@@ -146,7 +154,8 @@ class EngineControl:
         with engine_errors(operation="update_weight_version"):
             await self._llm.update_weight_version(version)
 
-    async def collective_rpc(self, method: str, args: tuple = (), kwargs: dict | None = None,
-                             timeout: float | None = None) -> list:
+    async def collective_rpc(
+        self, method: str, args: tuple = (), kwargs: dict | None = None, timeout: float | None = None
+    ) -> list:
         with engine_errors(operation=f"collective_rpc {method}"):
             return await self._llm.collective_rpc(method, timeout=timeout, args=args, kwargs=kwargs)

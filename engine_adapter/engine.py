@@ -16,11 +16,13 @@ from vllm.utils.argparse_utils import FlexibleArgumentParser
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.metrics.loggers import PrometheusStatLogger, StatLoggerBase
 
-from engine_adapter.errors import (
-    EngineCapacityError, EngineRequestError, EngineRetryableError, EngineStateError,
-)
 from engine_adapter.control import EngineControl
-from engine_adapter.vllm_errors import engine_errors
+from engine_adapter.errors import (
+    EngineCapacityError,
+    EngineRequestError,
+    EngineRetryableError,
+    EngineStateError,
+)
 from engine_adapter.info import model_info, ordinary_token_ids, pixel_norm
 from engine_adapter.kv_events import KvEventRelay
 from engine_adapter.outputs import to_step_output
@@ -28,11 +30,19 @@ from engine_adapter.pixels import prepare_pixels
 from engine_adapter.prompt import build_engine_input
 from engine_adapter.sampling import structured_outputs, to_sampling_params
 from engine_adapter.shm_ring import claim_ring_name, hold_id, release_holds
-from engine_adapter.vllm_plugins import SHM_RECHECK_ENV
 from engine_adapter.types import (
-    Constraint, Embedding, EngineRequest, EngineStats, KvBatch, ModelInfo, RankLoad, SamplingOptions,
+    Constraint,
+    Embedding,
+    EngineRequest,
+    EngineStats,
+    KvBatch,
+    ModelInfo,
+    RankLoad,
+    SamplingOptions,
     StepOutput,
 )
+from engine_adapter.vllm_errors import engine_errors
+from engine_adapter.vllm_plugins import SHM_RECHECK_ENV
 
 logger = logging.getLogger(__name__)
 
@@ -119,9 +129,12 @@ class Engine:
         # Read by our vLLM plugin in the engine's processes (vllm_plugins.py); a value the user set wins.
         os.environ.setdefault(SHM_RECHECK_ENV, "20")
         if args.mm_processor_cache_type == "shm":
-            logger.info("multimodal items shared with the engine's ranks through shared memory ring %s", claim_ring_name())
+            logger.info(
+                "multimodal items shared with the engine's ranks through shared memory ring %s", claim_ring_name()
+            )
         llm = AsyncLLM.from_engine_args(
-            args, stat_loggers=[lambda config, index=0: _StatsRecorder(stats, index), _UnexportedPrometheus])
+            args, stat_loggers=[lambda config, index=0: _StatsRecorder(stats, index), _UnexportedPrometheus]
+        )
         return cls(llm, stats)
 
     def stamp_ids(self, seconds: float) -> tuple[int, ...]:
@@ -133,8 +146,9 @@ class Engine:
         """Pixels as the vision tower takes them (CPU-bound: call off the event loop)."""
         return prepare_pixels(pixels, self._norm, self.info.device_normalizes_pixels, self.info.dtype)
 
-    async def generate(self, request: EngineRequest, on_admitted: Callable[[], None] | None = None
-                       ) -> AsyncIterator[StepOutput]:
+    async def generate(
+        self, request: EngineRequest, on_admitted: Callable[[], None] | None = None
+    ) -> AsyncIterator[StepOutput]:
         """Run one request, yielding per-step deltas; `on_admitted()` once it is handed to vLLM.
 
         Cancelling the consumer aborts the request in the engine (vLLM's generate does
@@ -146,7 +160,8 @@ class Engine:
         queue = self._llm.scheduler_config.max_num_queued_reqs
         if queue is not None and options.n > queue:  # vLLM's admission would refuse it as "busy" forever
             raise EngineRequestError(
-                f"sampling_params.n: {options.n} exceeds the engine's --max-num-queued-reqs {queue}")
+                f"sampling_params.n: {options.n} exceeds the engine's --max-num-queued-reqs {queue}"
+            )
         if request.kv_transfer_params is not None:  # where vLLM's connectors read it
             sampling.extra_args = {**(sampling.extra_args or {}), "kv_transfer_params": request.kv_transfer_params}
         self._check_constraint(options.constraint)
@@ -158,10 +173,14 @@ class Engine:
             on_admitted()
         with engine_errors():
             engine_input = self._engine_input(request)
-            async for output in self._llm.generate(engine_input, sampling, request.request_id,
-                                                   reasoning_ended=reasoning_ended,
-                                                   data_parallel_rank=request.data_parallel_rank,
-                                                   trace_headers=request.trace_headers):
+            async for output in self._llm.generate(
+                engine_input,
+                sampling,
+                request.request_id,
+                reasoning_ended=reasoning_ended,
+                data_parallel_rank=request.data_parallel_rank,
+                trace_headers=request.trace_headers,
+            ):
                 step = to_step_output(output, options.logprobs, options.prompt_logprobs, first)
                 _raise_if_failed(step, options)
                 yield step
@@ -179,8 +198,9 @@ class Engine:
         return Embedding(tuple(final.outputs.data.float().tolist()), len(final.prompt_token_ids))
 
     def _engine_input(self, request: EngineRequest):
-        return build_engine_input(request, self._mm_processor, self._publish if self.shares_mm_by_shm else None,
-                                  self.info.family)
+        return build_engine_input(
+            request, self._mm_processor, self._publish if self.shares_mm_by_shm else None, self.info.family
+        )
 
     def _check_constraint(self, constraint: Constraint | None) -> None:
         """The backend's verdict on the constraint alone, so its errors name the constraint's field
@@ -190,8 +210,9 @@ class Engine:
         config = self._llm.vllm_config
         with engine_errors(parameter=constraint.kind):
             probe = SamplingParams(structured_outputs=structured_outputs(constraint))
-            probe.verify(config.model_config, config.speculative_config, config.structured_outputs_config,
-                         self._tokenizer)
+            probe.verify(
+                config.model_config, config.speculative_config, config.structured_outputs_config, self._tokenizer
+            )
 
     def _publish(self, hashes: dict[str, list[str]], items: dict[str, list]) -> None:
         """Write each new identity's item into the ring once; items become addresses.
@@ -209,15 +230,17 @@ class Engine:
                 f"mm_inputs: images and videos need {sum(sizes)} bytes of shared memory (largest {max(sizes)}); the "
                 f"ring holds {self._shm_bytes} (--mm-shm-gb or --mm-processor-cache-gb) and {self._shm_item_bytes} "
                 "per item "
-                "(--mm-shm-cache-max-object-size-mb)")
+                "(--mm-shm-cache-max-object-size-mb)"
+            )
         held = []  # each item written or found takes a writer hold, released as the ranks read it
         for modality, i, h in slots:
             items[modality][i], _ = cache.get_and_update_item((items[modality][i], []), h)
             if not cache.is_cached_item(h):  # the ring is full of items the ranks have not read yet
                 release_holds(cache, held)
                 raise EngineCapacityError(
-                    f"the shared-memory ring ({self._shm_bytes} bytes, --mm-shm-gb or --mm-processor-cache-gb) is full of items "
-                    "in flight; retry shortly")
+                    f"the shared-memory ring ({self._shm_bytes} bytes, --mm-shm-gb or --mm-processor-cache-gb) is "
+                    "full of items in flight; retry shortly"
+                )
             held.append(hold_id(items[modality][i]))
         self._llm.renderer.update_mm_cache_stats()
         self.stats.mm_items_published += len(sizes)
@@ -237,8 +260,10 @@ class Engine:
 
     def _require_profiler(self) -> None:
         if not self.info.profiler:
-            raise EngineStateError("no profiler configured: start the servicer with vLLM's --profiler-config, "
-                                   "e.g. --profiler-config '{\"profiler\": \"torch\", \"torch_profiler_dir\": \"/tmp/trace\"}'")
+            raise EngineStateError(
+                "no profiler configured: start the servicer with vLLM's --profiler-config, "
+                'e.g. --profiler-config \'{"profiler": "torch", "torch_profiler_dir": "/tmp/trace"}\''
+            )
 
     def start_kv_events(self) -> None:
         """Start relaying the engine's KV events (with --kv-events-config; call on the serving event loop)."""
@@ -297,8 +322,9 @@ def _raise_if_failed(step: StepOutput, options: SamplingOptions) -> None:
     if not failed:
         return
     if options.constraint is not None and not any(s.token_ids for s in failed):
-        raise EngineRequestError(f"sampling_params.{options.constraint.kind}: the structured-output backend "
-                                 "could not compile it")
+        raise EngineRequestError(
+            f"sampling_params.{options.constraint.kind}: the structured-output backend could not compile it"
+        )
     raise EngineRetryableError("the engine failed this request")
 
 

@@ -16,8 +16,16 @@ logger = logging.getLogger(__name__)
 
 
 # Sampling defaults a generation config may set that the wire's SamplingParams carries.
-_SAMPLING_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty",
-                      "presence_penalty", "frequency_penalty", "max_tokens")
+_SAMPLING_DEFAULTS = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "max_tokens",
+)
 
 
 def _token_ids(value) -> tuple[int, ...]:
@@ -32,8 +40,12 @@ def _family(model) -> Family | None:
         return None
     family = family_for(model.architectures, model.hf_config.model_type)
     if family is None:
-        logger.warning("%s (%s) is not a registered model family (engine_adapter/families): serving text only, "
-                       "images and videos are refused", model.model, ", ".join(model.architectures))
+        logger.warning(
+            "%s (%s) is not a registered model family (engine_adapter/families): serving text only, "
+            "images and videos are refused",
+            model.model,
+            ", ".join(model.architectures),
+        )
     return family
 
 
@@ -95,7 +107,8 @@ def model_info(config: VllmConfig, tokenizer, log_requests: bool = False) -> Mod
         reasoning_parser=structured.reasoning_parser or "",
         # vLLM holds a grammar back until the reasoning parser has seen the thought's end,
         # unless it is told to constrain the reasoning too.
-        constrained_decoding_start="after_reasoning" if structured.reasoning_parser and not structured.enable_in_reasoning
+        constrained_decoding_start="after_reasoning"
+        if structured.reasoning_parser and not structured.enable_in_reasoning
         else "first_token",
         mm_encoder_budget=_encoder_budget(config),
         attention_backend=config.attention_config.backend.name if config.attention_config.backend else "",
@@ -105,11 +118,15 @@ def model_info(config: VllmConfig, tokenizer, log_requests: bool = False) -> Mod
         # NIXL loads a remote-prefill request's whole prompt or fails the request. Under a connector that may
         # load less, or a "recompute" policy, the engine would encode an image it has no pixels for, and that
         # kills vLLM's engine core.
-        kv_consumer_without_pixels=bool(kv and kv.is_kv_consumer and kv.kv_connector == "NixlConnector"
-                                        and kv.kv_load_failure_policy == "fail"),
+        kv_consumer_without_pixels=bool(
+            kv and kv.is_kv_consumer and kv.kv_connector == "NixlConnector" and kv.kv_load_failure_policy == "fail"
+        ),
         profiler=config.profiler_config.profiler or "",
-        kv_events=bool(config.kv_events_config and config.kv_events_config.enable_kv_cache_events
-                       and config.kv_events_config.publisher == "zmq"),
+        kv_events=bool(
+            config.kv_events_config
+            and config.kv_events_config.enable_kv_cache_events
+            and config.kv_events_config.publisher == "zmq"
+        ),
         log_requests=log_requests,
     )
 

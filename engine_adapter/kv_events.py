@@ -53,13 +53,23 @@ def _stored(event: dict) -> KvStored | None:
         return None  # hybrid models' masked blocks leave tokens without hashes: not a prefix the router can use
     extra = event.get("extra_keys") or [None] * len(hashes)
     blocks = tuple(
-        KvBlock(h, tuple(int(t[0] if isinstance(t, (list, tuple)) else t) for t in tokens[i * size:(i + 1) * size]),
-                tuple(k for k in map(_extra_key, extra[i] or ()) if k is not None) if i < len(extra) else ())
-        for i, h in enumerate(hashes))
+        KvBlock(
+            h,
+            tuple(int(t[0] if isinstance(t, (list, tuple)) else t) for t in tokens[i * size : (i + 1) * size]),
+            tuple(k for k in map(_extra_key, extra[i] or ()) if k is not None) if i < len(extra) else (),
+        )
+        for i, h in enumerate(hashes)
+    )
     parent = event.get("parent_block_hash")
-    return KvStored(blocks=blocks, parent_hash=None if parent is None else _int64(parent), block_size=size,
-                    medium=event.get("medium"), lora_name=event.get("lora_name"), group_idx=event.get("group_idx"),
-                    spec_kind=event.get("kv_cache_spec_kind"))
+    return KvStored(
+        blocks=blocks,
+        parent_hash=None if parent is None else _int64(parent),
+        block_size=size,
+        medium=event.get("medium"),
+        lora_name=event.get("lora_name"),
+        group_idx=event.get("group_idx"),
+        spec_kind=event.get("kv_cache_spec_kind"),
+    )
 
 
 def decode_batch(seq: int, payload: bytes, rank: int) -> KvBatch:
@@ -155,7 +165,9 @@ class KvEventRelay:
         """The batches [start, stop) (stop None: all) from the rank's replay socket, or what it still holds."""
         if not config.replay_endpoint:
             if stop is not None:
-                logger.warning("KV events: batches %d-%d lost (no replay_endpoint in --kv-events-config)", start, stop - 1)
+                logger.warning(
+                    "KV events: batches %d-%d lost (no replay_endpoint in --kv-events-config)", start, stop - 1
+                )
             return []
         dealer = self._ctx.socket(zmq.DEALER)
         dealer.connect(_reachable(config.replay_endpoint))
@@ -196,7 +208,8 @@ class KvEventRelay:
             if not known or not known[0] - 1 <= start <= known[-1]:
                 raise EngineCursorError(
                     f"start_sequence_number: {start} is outside the relay's history "
-                    f"({f'{known[0]}-{known[-1]}' if known else 'empty'}); resubscribe from 0")
+                    f"({f'{known[0]}-{known[-1]}' if known else 'empty'}); resubscribe from 0"
+                )
         return self._stream(start)
 
     async def _stream(self, start: int) -> AsyncGenerator[KvBatch, None]:

@@ -2,8 +2,8 @@
 
 from collections.abc import Sequence
 
-from vllm.outputs import RequestOutput
 from vllm.logprobs import Logprob
+from vllm.outputs import RequestOutput
 
 from engine_adapter.types import SampleDelta, StepOutput, TokenLogprob, TopLogprobs
 

@@ -31,7 +31,7 @@ class PixelNorm:
         """The norm whose affine() is (weight, bias), as vLLM's device-side norm holds it."""
         return cls(tuple(-b / w for w, b in zip(weight, bias)), tuple(1.0 / w for w in weight), 1.0)
 
-    @functools.cache
+    @functools.cache  # noqa: B019 (a handful of norms per process, each kept for its life anyway)
     def affine(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(weight, bias) per channel of `normalized = raw * weight + bias` (built once; never written to)."""
         mean = torch.tensor(self.mean, dtype=torch.float32)
@@ -51,7 +51,9 @@ def _per_channel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, dtyp
     return out.reshape(patches, size).to(dtype)
 
 
-def prepare_pixels(pixels: torch.Tensor, norm: PixelNorm | None, device_normalizes: bool, dtype: torch.dtype) -> torch.Tensor:
+def prepare_pixels(
+    pixels: torch.Tensor, norm: PixelNorm | None, device_normalizes: bool, dtype: torch.dtype
+) -> torch.Tensor:
     """Return `pixels` ([patches, C*...], uint8 or float) as the vision tower wants them."""
     is_raw = pixels.dtype == torch.uint8
     if norm is None:

@@ -48,8 +48,11 @@ def build_engine_input(request: EngineRequest, mm_processor, publish=None, famil
         kwargs[modality] = [_item(mm_processor, family, m) for m in media]
         hashes[modality] = [m.identity for m in media]
         placeholders[modality] = [
-            PlaceholderRange(offset=m.offset, length=m.length,
-                             is_embed=None if m.is_embed is None else torch.tensor(m.is_embed, dtype=torch.bool))
+            PlaceholderRange(
+                offset=m.offset,
+                length=m.length,
+                is_embed=None if m.is_embed is None else torch.tensor(m.is_embed, dtype=torch.bool),
+            )
             for m in media
         ]
     if publish is not None:

@@ -8,8 +8,14 @@ from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 from engine_adapter.types import Constraint, SamplingOptions
 
 # The wire's constraint names -> StructuredOutputsParams' keyword for the same thing.
-_STRUCTURED = {"json_schema": "json", "regex": "regex", "grammar": "grammar",
-               "structural_tag": "structural_tag", "json_object": "json_object", "choice": "choice"}
+_STRUCTURED = {
+    "json_schema": "json",
+    "regex": "regex",
+    "grammar": "grammar",
+    "structural_tag": "structural_tag",
+    "json_object": "json_object",
+    "choice": "choice",
+}
 SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingOptions) if f.metadata.get("sampling_params", True))
 
 

@@ -245,7 +245,8 @@ class EngineStats:
     # Prompt tokens by where their KV came from (vLLM's sources): computed here, this engine's prefix
     # cache, or a KV connector (a prefill worker's transfer).
     prompt_tokens_by_source: dict[str, int] = field(
-        default_factory=lambda: dict.fromkeys(("local_compute", "local_cache_hit", "external_kv_transfer"), 0))
+        default_factory=lambda: dict.fromkeys(("local_compute", "local_cache_hit", "external_kv_transfer"), 0)
+    )
 
     @property
     def prefix_cache_hit_rate(self) -> float:
@@ -280,8 +281,9 @@ class EngineControlClient(Protocol):
     async def finish_weight_update(self, weight_version: str | None = None) -> None: ...
     async def weight_version(self) -> str: ...
     async def set_weight_version(self, version: str) -> None: ...
-    async def collective_rpc(self, method: str, args: tuple = (), kwargs: dict | None = None,
-                             timeout: float | None = None) -> list: ...
+    async def collective_rpc(
+        self, method: str, args: tuple = (), kwargs: dict | None = None, timeout: float | None = None
+    ) -> list: ...
 
 
 class EngineClient(Protocol):
@@ -297,8 +299,9 @@ class EngineClient(Protocol):
     traces: bool  # vLLM exports request traces (--otlp-traces-endpoint)
 
     # `on_admitted` is called once the request is handed to vLLM (our preparation done).
-    def generate(self, request: EngineRequest, on_admitted: Callable[[], None] | None = None
-                 ) -> AsyncIterator[StepOutput]: ...
+    def generate(
+        self, request: EngineRequest, on_admitted: Callable[[], None] | None = None
+    ) -> AsyncIterator[StepOutput]: ...
     async def embed(self, request: EngineRequest) -> Embedding: ...
     async def abort(self, request_ids: Sequence[str]) -> None: ...
     async def reset_prefix_cache(self) -> bool: ...

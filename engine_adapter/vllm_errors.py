@@ -7,13 +7,25 @@ from vllm.exceptions import GracefulHTTPError, ProfilerAlreadyActiveError, VLLMC
 from vllm.v1.engine.exceptions import EngineDeadError as VllmEngineDeadError
 
 from engine_adapter.errors import (
-    EngineCapacityError, EngineCursorError, EngineDeadError, EngineOperationError, EngineRequestError,
-    EngineRetryableError, EngineStateError,
+    EngineCapacityError,
+    EngineCursorError,
+    EngineDeadError,
+    EngineOperationError,
+    EngineRequestError,
+    EngineRetryableError,
+    EngineStateError,
 )
 from engine_adapter.sampling import SAMPLING_FIELDS
 
-_OURS = (EngineCapacityError, EngineCursorError, EngineDeadError, EngineOperationError, EngineRequestError,
-         EngineRetryableError, EngineStateError)
+_OURS = (
+    EngineCapacityError,
+    EngineCursorError,
+    EngineDeadError,
+    EngineOperationError,
+    EngineRequestError,
+    EngineRetryableError,
+    EngineStateError,
+)
 
 
 @contextlib.contextmanager

@@ -1,7 +1,7 @@
 """`vlm-servicer`: serve a model, or build the random-weight tiny checkpoint.
 
-    vlm-servicer serve [--model PATH] [servicer flags] [vLLM engine flags ...]
-    vlm-servicer build-tiny-model [--out DIR]
+vlm-servicer serve [--model PATH] [servicer flags] [vLLM engine flags ...]
+vlm-servicer build-tiny-model [--out DIR]
 """
 
 import argparse
@@ -25,13 +25,16 @@ def _ensure_tiny_model(model: str) -> None:
         logging.getLogger(__name__).info("building the random tiny model into %s", path)
         build(path)
     elif model == DEFAULT_MODEL:
-        sys.exit(f"the trained tiny model is not at {path}: run from the repository root (it is committed) "
-                 "or retrain it with `make shapes-model`")
+        sys.exit(
+            f"the trained tiny model is not at {path}: run from the repository root (it is committed) "
+            "or retrain it with `make shapes-model`"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="vlm-servicer", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="vlm-servicer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     serve_parser = commands.add_parser("serve", help="run the gRPC servicer; unknown flags go to vLLM's engine")
     add_serve_flags(serve_parser)

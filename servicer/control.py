@@ -22,7 +22,14 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from engine_adapter.types import PAUSE_MODES
-from servicer.errors import FailedPrecondition, InvalidArgument, PermissionDenied, Unauthenticated, Unavailable, http_status_for
+from servicer.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    PermissionDenied,
+    Unauthenticated,
+    Unavailable,
+    http_status_for,
+)
 from servicer.rl import RlController
 
 logger = logging.getLogger(__name__)
@@ -109,19 +116,28 @@ class ControlEndpoint:
         post, get, both = ("POST",), ("GET",), ("GET", "POST")
         routes: list[tuple[tuple[str, ...], str, Handler]] = [
             # vLLM's RL routes (vllm/entrypoints/rl/online and serve/dev: sleep, cache).
-            (post, "/pause", self.pause), (post, "/resume", self.resume), (get, "/is_paused", self.is_paused),
-            (post, "/sleep", self.sleep), (post, "/wake_up", self.wake_up), (get, "/is_sleeping", self.is_sleeping),
+            (post, "/pause", self.pause),
+            (post, "/resume", self.resume),
+            (get, "/is_paused", self.is_paused),
+            (post, "/sleep", self.sleep),
+            (post, "/wake_up", self.wake_up),
+            (get, "/is_sleeping", self.is_sleeping),
             (post, "/reset_prefix_cache", self.reset_prefix_cache),
             (post, "/init_weight_transfer_engine", self.init_weight_transfer_engine),
-            (post, "/start_weight_update", self.start_weight_update), (post, "/update_weights", self.update_weights),
+            (post, "/start_weight_update", self.start_weight_update),
+            (post, "/update_weights", self.update_weights),
             (post, "/finish_weight_update", self.finish_weight_update),
-            (post, "/update_weight_version", self.update_weight_version), (get, "/weight_info", self.weight_info),
+            (post, "/update_weight_version", self.update_weight_version),
+            (get, "/weight_info", self.weight_info),
             (post, "/collective_rpc", self.collective_rpc),
             # SMG's client and SGLang-style frameworks.
-            (post, "/pause_generation", self.pause_generation), (post, "/continue_generation", self.resume),
+            (post, "/pause_generation", self.pause_generation),
+            (post, "/continue_generation", self.resume),
             (post, "/update_weights_from_disk", self.update_weights_from_disk),
-            (both, "/flush_cache", self.flush_cache), (both, "/get_weight_version", self.weight_info),
-            (both, "/get_server_info", self.server_info), (get, "/health", self.health),
+            (both, "/flush_cache", self.flush_cache),
+            (both, "/get_weight_version", self.weight_info),
+            (both, "/get_server_info", self.server_info),
+            (get, "/health", self.health),
         ]
         for methods, path, handler in routes:
             for method in methods:
@@ -137,15 +153,17 @@ class ControlEndpoint:
             message = f"{request.method} {request.path}: {exc.reason}"
             if exc.status == 404:
                 message += " (the routes are listed in the README's RL section)"
-            return web.json_response({"success": False, "error": exc.reason.lower().replace(" ", "_"),
-                                      "message": message}, status=exc.status)
+            return web.json_response(
+                {"success": False, "error": exc.reason.lower().replace(" ", "_"), "message": message}, status=exc.status
+            )
         except Exception as exc:
             status, code, message = http_status_for(exc)
             log = logger.exception if status >= 500 else logger.info
             log("control %s %s: %d %s", request.method, request.path, status, message)
             headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-            return web.json_response({"success": False, "error": code, "message": message}, status=status,
-                                     headers=headers)
+            return web.json_response(
+                {"success": False, "error": code, "message": message}, status=status, headers=headers
+            )
 
     @web.middleware
     async def _authenticate(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -215,8 +233,9 @@ class ControlEndpoint:
         return web.json_response({"is_sleeping": await self.rl.control.is_sleeping()})
 
     async def reset_prefix_cache(self, request: web.Request) -> web.Response:
-        done = await self.rl.reset_prefix_cache(_query_bool(request, "reset_running_requests", False),
-                                                _query_bool(request, "reset_external", False))
+        done = await self.rl.reset_prefix_cache(
+            _query_bool(request, "reset_running_requests", False), _query_bool(request, "reset_external", False)
+        )
         return web.json_response({"success": done})
 
     async def flush_cache(self, request: web.Request) -> web.Response:
@@ -226,8 +245,10 @@ class ControlEndpoint:
         deadline = time.monotonic() + timeout
         while not await self.rl.flush():
             if time.monotonic() >= deadline:
-                raise FailedPrecondition("flush_cache: requests are still running; pause them (mode wait), "
-                                         "or pass ?timeout=SECONDS to wait for them")
+                raise FailedPrecondition(
+                    "flush_cache: requests are still running; pause them (mode wait), "
+                    "or pass ?timeout=SECONDS to wait for them"
+                )
             await asyncio.sleep(0.05)
         return _ok(message="prefix and encoder caches flushed")
 
@@ -244,9 +265,13 @@ class ControlEndpoint:
         _get(body, "flush_cache", bool, True)
         abort = _get(body, "abort_all_requests", bool, False)  # SGLang's: end in-flight requests instead of draining
         record = await self.rl.refit_from_disk(path, version, drain="abort" if abort else "wait")
-        return _ok(message=f"weights loaded from {path} in {record.seconds:.2f} s; caches flushed",
-                   num_paused_requests=0, checkpoint_path=path, weight_version=await self.rl.control.weight_version(),
-                   seconds=round(record.seconds, 3))
+        return _ok(
+            message=f"weights loaded from {path} in {record.seconds:.2f} s; caches flushed",
+            num_paused_requests=0,
+            checkpoint_path=path,
+            weight_version=await self.rl.control.weight_version(),
+            seconds=round(record.seconds, 3),
+        )
 
     async def init_weight_transfer_engine(self, request: web.Request) -> web.Response:
         init_info = _get(await _body(request), "init_info", dict, required=True)
@@ -283,15 +308,21 @@ class ControlEndpoint:
     async def collective_rpc(self, request: web.Request) -> web.Response:
         """vLLM's dev-mode route: any worker method by name, so off unless the operator allows it."""
         if not self._allow_rpc:
-            raise PermissionDenied("collective_rpc: runs any method on the engine's workers; start the servicer "
-                                   "with --control-allow-collective-rpc to allow it")
+            raise PermissionDenied(
+                "collective_rpc: runs any method on the engine's workers; start the servicer "
+                "with --control-allow-collective-rpc to allow it"
+            )
         body = await _body(request)
         method = _get(body, "method", str, required=True)
         results = await self.rl.control.collective_rpc(
-            method, tuple(_get(body, "args", list, [])), _get(body, "kwargs", dict, {}),
-            _get(body, "timeout", (int, float)))
-        return web.Response(text=json.dumps({"success": True, "results": results}, default=repr),
-                            content_type="application/json")
+            method,
+            tuple(_get(body, "args", list, [])),
+            _get(body, "kwargs", dict, {}),
+            _get(body, "timeout", (int, float)),
+        )
+        return web.Response(
+            text=json.dumps({"success": True, "results": results}, default=repr), content_type="application/json"
+        )
 
     # -- routes: state ------------------------------------------------------------------------------------
 

@@ -14,8 +14,13 @@ from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 
 from engine_adapter.errors import (
-    EngineCapacityError, EngineCursorError, EngineDeadError, EngineOperationError, EngineRequestError,
-    EngineRetryableError, EngineStateError,
+    EngineCapacityError,
+    EngineCursorError,
+    EngineDeadError,
+    EngineOperationError,
+    EngineRequestError,
+    EngineRetryableError,
+    EngineStateError,
 )
 
 
@@ -126,9 +131,15 @@ def _status(exc: BaseException) -> tuple[grpc.StatusCode, str, tuple[tuple[str, 
 
 # The same outcomes for the HTTP control endpoint (servicer/control.py).
 _HTTP_STATUS = {
-    grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.OUT_OF_RANGE: 400, grpc.StatusCode.UNAUTHENTICATED: 401,
-    grpc.StatusCode.PERMISSION_DENIED: 403, grpc.StatusCode.NOT_FOUND: 404, grpc.StatusCode.FAILED_PRECONDITION: 409,
-    grpc.StatusCode.ABORTED: 409, grpc.StatusCode.RESOURCE_EXHAUSTED: 429, grpc.StatusCode.UNIMPLEMENTED: 501,
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.FAILED_PRECONDITION: 409,
+    grpc.StatusCode.ABORTED: 409,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.UNIMPLEMENTED: 501,
     grpc.StatusCode.UNAVAILABLE: 503,
 }
 

@@ -17,26 +17,33 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import grpc
 
 from engine_adapter.types import EngineClient, RankLoad
+from servicer import shm, tokenizer_bundle
 from servicer.config import ServerConfig
 from servicer.errors import (
-    FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable, Unimplemented, status_for,
+    FailedPrecondition,
+    InvalidArgument,
+    ResourceExhausted,
+    Unavailable,
+    Unimplemented,
+    status_for,
 )
-from servicer import shm, tokenizer_bundle
 from servicer.image_store import ImageStore
 from servicer.kv_events import MediaTokens, kv_event_batch
 from servicer.load_records import LoadRecords, with_load_records
 from servicer.metrics import Metrics
 from servicer.multimodal import media_identity
 from servicer.requests import RequestDecoder
-from servicer.rl import RlController
 from servicer.responses import Accumulator, StreamEncoder
+from servicer.rl import RlController
 from servicer.tracing import RequestTrace, Tracing
-from vlm_proto import common_pb2, vllm_engine_pb2 as pb, vllm_engine_pb2_grpc as pb_grpc
+from vlm_proto import common_pb2
+from vlm_proto import vllm_engine_pb2 as pb
+from vlm_proto import vllm_engine_pb2_grpc as pb_grpc
 
 logger = logging.getLogger(__name__)
 
@@ -111,9 +118,17 @@ def _guard_stream(rpc):
 class VllmEngineServicer(pb_grpc.VllmEngineServicer):
     """The RPCs over one engine; server.py builds what they use and hands it in."""
 
-    def __init__(self, engine: EngineClient, config: ServerConfig, metrics: Metrics, decoder: RequestDecoder,
-                 image_store: ImageStore, decode_pool: ThreadPoolExecutor, rl: RlController,
-                 media_tokens: MediaTokens | None):
+    def __init__(
+        self,
+        engine: EngineClient,
+        config: ServerConfig,
+        metrics: Metrics,
+        decoder: RequestDecoder,
+        image_store: ImageStore,
+        decode_pool: ThreadPoolExecutor,
+        rl: RlController,
+        media_tokens: MediaTokens | None,
+    ):
         self.engine = engine
         self.config = config
         self.metrics = metrics
@@ -139,13 +154,16 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
         self.last_receive = time.time()
         request_id = request.request_id or uuid.uuid4().hex
         state = InFlight(request_id, time.monotonic(), request.stream)
-        trace = state.trace = (self.tracing.start(context.invocation_metadata(), request_id)
-                               if self.tracing is not None else None)
+        trace = state.trace = (
+            self.tracing.start(context.invocation_metadata(), request_id) if self.tracing is not None else None
+        )
         with self._tracked(state, context):
             if self.engine.info.runner != "generate":
-                raise FailedPrecondition(f"Generate: this engine runs vLLM's {self.engine.info.runner} runner "
-                                         "(--runner pooling): it serves Embed; start one with --runner generate "
-                                         "to generate")
+                raise FailedPrecondition(
+                    f"Generate: this engine runs vLLM's {self.engine.info.runner} runner "
+                    "(--runner pooling): it serves Embed; start one with --runner generate "
+                    "to generate"
+                )
             if trace is not None:
                 trace.step("vlm.decode")
             decoded = await self._decode(self.decoder.decode, request, request_id)
@@ -160,15 +178,20 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
             encoder = StreamEncoder(decoded.prompt_ids) if request.stream else None
             accumulated = Accumulator(decoded.prompt_ids) if not request.stream else None
             # A prefill leg's images, by identity, for its decode leg (which then needs no pixels).
-            identity = (media_identity(decoded.prompt_ids, engine_request.media)
-                        if engine_request.kv_transfer_params is not None and engine_request.media else None)
+            identity = (
+                media_identity(decoded.prompt_ids, engine_request.media)
+                if engine_request.kv_transfer_params is not None and engine_request.media
+                else None
+            )
             admitted = functools.partial(trace.step, "vlm.generation") if trace is not None else None
             async for step in self.engine.generate(engine_request, admitted):
                 if trace is not None:
                     trace.output()
                 state.cached_tokens = step.cached_tokens
                 state.completion_tokens += sum(len(s.token_ids) for s in step.samples)
-                state.finish_reason = next((s.finish_reason for s in step.samples if s.finish_reason), state.finish_reason)
+                state.finish_reason = next(
+                    (s.finish_reason for s in step.samples if s.finish_reason), state.finish_reason
+                )
                 if encoder is not None:
                     for response in encoder.encode(step):
                         state.first_response = state.first_response or time.monotonic()
@@ -186,22 +209,27 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
         state = InFlight(request.request_id or uuid.uuid4().hex, time.monotonic(), False)
         with self._tracked(state, context):
             if self.engine.info.runner != "pooling":
-                raise FailedPrecondition("Embed: this engine runs vLLM's generate runner; start it with --runner "
-                                         "pooling (and --convert embed for a generative checkpoint) to serve embeddings")
+                raise FailedPrecondition(
+                    "Embed: this engine runs vLLM's generate runner; start it with --runner "
+                    "pooling (and --convert embed for a generative checkpoint) to serve embeddings"
+                )
             decoded = await self._decode(self.decoder.decode_embed, request, state.request_id)
             state.prompt_tokens = len(decoded.engine.prompt_ids)
             await self._send_identities(decoded, context)
             embedding = await self.engine.embed(decoded.engine)
             state.first_response, state.finish_reason = time.monotonic(), "pooled"
-            return pb.EmbedResponse(embedding=embedding.values, prompt_tokens=embedding.prompt_tokens,
-                                    embedding_dim=len(embedding.values))
+            return pb.EmbedResponse(
+                embedding=embedding.values, prompt_tokens=embedding.prompt_tokens, embedding_dim=len(embedding.values)
+            )
 
     @_guard_stream
     async def SubscribeKvEvents(self, request: common_pb2.SubscribeKvEventsRequest, context):
         """vLLM's KV-cache events as they happen (after `start_sequence_number`, from the relay's history)."""
         if not self.engine.info.kv_events:  # SMG stops subscribing on UNIMPLEMENTED; it retries anything else
-            raise Unimplemented("KV cache events are off: start the engine with --kv-events-config "
-                                "'{\"enable_kv_cache_events\": true, \"publisher\": \"zmq\"}'")
+            raise Unimplemented(
+                "KV cache events are off: start the engine with --kv-events-config "
+                '\'{"enable_kv_cache_events": true, "publisher": "zmq"}\''
+            )
         event_ids = itertools.count(1).__next__
         events = self.engine.kv_events(request.start_sequence_number)  # a bad cursor fails before the headers
         # Headers now, not with the first batch: SMG takes a subscription that stays silent for 2 s for an
@@ -230,15 +258,20 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
             return None
         running, waiting = self._queues(load)
         record = common_pb2.EngineLoad(
-            running_requests=running, waiting_requests=waiting, token_usage=load.kv_cache_usage,
-            max_running_requests=self.engine.info.max_num_seqs, cache_hit_rate=self.engine.stats.prefix_cache_hit_rate)
+            running_requests=running,
+            waiting_requests=waiting,
+            token_usage=load.kv_cache_usage,
+            max_running_requests=self.engine.info.max_num_seqs,
+            cache_hit_rate=self.engine.stats.prefix_cache_hit_rate,
+        )
         if self.rl.paused:  # the RL control plane paused the engine: these wait for its resume
             record.queues.paused = waiting
         if len(ranks) == 1:  # requests are not attributed to data-parallel ranks here
             # Prefill work in hand: prompts handed to the engine without output yet (a non-streamed
             # request's only output is its last).
-            record.prefill_pending_tokens = sum(s.prompt_tokens for s in self.in_flight.values()
-                                                if s.first_response is None)
+            record.prefill_pending_tokens = sum(
+                s.prompt_tokens for s in self.in_flight.values() if s.first_response is None
+            )
         return record
 
     @contextlib.contextmanager
@@ -266,14 +299,16 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
         inline for ids alone (cheaper than the thread hop)."""
         with self.metrics.decode.time():
             if request.HasField("mm_inputs") or request.extra_mm_inputs:
-                decoded = await asyncio.get_running_loop().run_in_executor(self._decode_pool, decode, request, request_id)
+                decoded = await asyncio.get_running_loop().run_in_executor(
+                    self._decode_pool, decode, request, request_id
+                )
             else:
                 decoded = decode(request, request_id)
         for transport, nbytes in decoded.mm_bytes.items():
             self.metrics.mm_bytes.labels(transport).inc(nbytes)
         if self.media_tokens is not None:
             for item in decoded.engine.media:
-                self.media_tokens.remember(item.identity, decoded.prompt_ids[item.offset:item.offset + item.length])
+                self.media_tokens.remember(item.identity, decoded.prompt_ids[item.offset : item.offset + item.length])
         return decoded
 
     @staticmethod
@@ -281,7 +316,8 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
         """The identities a caller may later send instead of pixels (reference by hash)."""
         if decoded.engine.media:
             await context.send_initial_metadata(
-                (("vlm-mm-identities", ",".join(i.identity for i in decoded.engine.media)),))
+                (("vlm-mm-identities", ",".join(i.identity for i in decoded.engine.media)),)
+            )
 
     def _record(self, state: InFlight) -> None:
         """Metrics, and the one log line per request when asked for."""
@@ -300,9 +336,15 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
             return
         logger.info(
             "request %s %s: finish=%s prompt=%d cached=%d completion=%d stream=%s ttft=%s total=%.1f ms",
-            state.request_id, state.code, state.finish_reason or "-", state.prompt_tokens, state.cached_tokens,
-            state.completion_tokens, state.stream,
-            f"{(state.first_response - state.started) * 1e3:.1f} ms" if state.first_response else "-", elapsed * 1e3,
+            state.request_id,
+            state.code,
+            state.finish_reason or "-",
+            state.prompt_tokens,
+            state.cached_tokens,
+            state.completion_tokens,
+            state.stream,
+            f"{(state.first_response - state.started) * 1e3:.1f} ms" if state.first_response else "-",
+            elapsed * 1e3,
         )
 
     def _admit(self, request_id: str) -> None:
@@ -348,7 +390,9 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
             pad_token_id=info.pad_token_id,
             bos_token_id=info.bos_token_id,
             max_req_input_len=info.max_model_len - 1,
-            default_sampling_params_json=json.dumps(info.default_sampling, sort_keys=True) if info.default_sampling else "",
+            default_sampling_params_json=json.dumps(info.default_sampling, sort_keys=True)
+            if info.default_sampling
+            else "",
         )
 
     @_guard
@@ -400,12 +444,23 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
             if request.HasField("dp_rank") and rank != request.dp_rank:
                 continue
             running, waiting = self._queues(load)
-            loads.append(pb.SchedulerLoad(
-                dp_rank=rank, num_running_reqs=running, num_waiting_reqs=waiting, num_total_reqs=running + waiting,
-                token_usage=load.kv_cache_usage, cache_hit_rate=self.engine.stats.prefix_cache_hit_rate,
-                max_running_requests=self.engine.info.max_num_seqs))
-        return pb.GetLoadsResponse(timestamp=datetime.now(timezone.utc).isoformat(), version=self.engine.version,
-                                   dp_rank_count=len(loads), loads=loads)
+            loads.append(
+                pb.SchedulerLoad(
+                    dp_rank=rank,
+                    num_running_reqs=running,
+                    num_waiting_reqs=waiting,
+                    num_total_reqs=running + waiting,
+                    token_usage=load.kv_cache_usage,
+                    cache_hit_rate=self.engine.stats.prefix_cache_hit_rate,
+                    max_running_requests=self.engine.info.max_num_seqs,
+                )
+            )
+        return pb.GetLoadsResponse(
+            timestamp=datetime.now(UTC).isoformat(),
+            version=self.engine.version,
+            dp_rank_count=len(loads),
+            loads=loads,
+        )
 
     @_guard_stream
     async def GetTokenizer(self, request: common_pb2.GetTokenizerRequest, context):
@@ -416,8 +471,12 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
                 self._tokenizer_bundle = await asyncio.to_thread(tokenizer_bundle.build, path)
             except FileNotFoundError as exc:
                 raise FailedPrecondition(f"the engine's tokenizer is not a local folder of files: {exc}") from exc
-            logger.info("tokenizer bundle: %d bytes, sha256 %s, files %s", len(self._tokenizer_bundle.data),
-                        self._tokenizer_bundle.sha256, ", ".join(self._tokenizer_bundle.names))
+            logger.info(
+                "tokenizer bundle: %d bytes, sha256 %s, files %s",
+                len(self._tokenizer_bundle.data),
+                self._tokenizer_bundle.sha256,
+                ", ".join(self._tokenizer_bundle.names),
+            )
         for data, digest in self._tokenizer_bundle.chunks():
             yield common_pb2.GetTokenizerChunk(data=data, sha256=digest)
 
@@ -455,6 +514,7 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
             if time.monotonic() >= deadline:
                 held = ", ".join(str(rank) for rank, ok in enumerate(flushed) if not ok)
                 return common_pb2.FlushCacheResponse(
-                    success=False, message=f"rank(s) {held} of {ranks}: requests still hold cache blocks; retry "
-                                           "or pass timeout_s")
+                    success=False,
+                    message=f"rank(s) {held} of {ranks}: requests still hold cache blocks; retry or pass timeout_s",
+                )
             await asyncio.sleep(0.05)

@@ -74,14 +74,27 @@ def _stored(event: KvStored, media: MediaTokens | None) -> pb.KvBlocksStored:
     # vLLM publishes no salt field: a cache salt is the first text key of the first block besides the LoRA name.
     salt = next((k for k in first if isinstance(k, str) and k != event.lora_name), None)
     out = pb.KvBlocksStored(
-        blocks=[pb.KvBlock(block_hash=b.block_hash, token_ids=_caller_tokens(b.token_ids, b.extra_keys, media),
-                           block_size=event.block_size, cache_level=level,
-                           extra_keys=[_extra_key(k) for k in b.extra_keys]) for b in event.blocks],
-        tier=tier, locality=pb.KV_CACHE_LOCALITY_LOCAL,
+        blocks=[
+            pb.KvBlock(
+                block_hash=b.block_hash,
+                token_ids=_caller_tokens(b.token_ids, b.extra_keys, media),
+                block_size=event.block_size,
+                cache_level=level,
+                extra_keys=[_extra_key(k) for k in b.extra_keys],
+            )
+            for b in event.blocks
+        ],
+        tier=tier,
+        locality=pb.KV_CACHE_LOCALITY_LOCAL,
     )
-    for name, value in (("parent_block_hash", event.parent_hash), ("medium", event.medium),
-                        ("group_idx", event.group_idx), ("kv_cache_spec_kind", event.spec_kind),
-                        ("lora_name", event.lora_name), ("cache_salt", salt)):
+    for name, value in (
+        ("parent_block_hash", event.parent_hash),
+        ("medium", event.medium),
+        ("group_idx", event.group_idx),
+        ("kv_cache_spec_kind", event.spec_kind),
+        ("lora_name", event.lora_name),
+        ("cache_salt", salt),
+    ):
         if value is not None:
             setattr(out, name, value)
     return out
@@ -94,8 +107,11 @@ def kv_event_batch(batch: KvBatch, media: MediaTokens | None, next_event_id) -> 
         if isinstance(event, KvStored):
             events.append(pb.KvCacheEvent(event_id=next_event_id(), stored=_stored(event, media)))
         elif isinstance(event, KvRemoved):
-            removed = pb.KvBlocksRemoved(block_hashes=event.block_hashes, tier=_TIER.get(event.medium or "GPU", pb.KV_CACHE_TIER_DEVICE),
-                                         locality=pb.KV_CACHE_LOCALITY_LOCAL)
+            removed = pb.KvBlocksRemoved(
+                block_hashes=event.block_hashes,
+                tier=_TIER.get(event.medium or "GPU", pb.KV_CACHE_TIER_DEVICE),
+                locality=pb.KV_CACHE_LOCALITY_LOCAL,
+            )
             if event.group_idx is not None:
                 removed.group_idx = event.group_idx
             if event.medium is not None:

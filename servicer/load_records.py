@@ -32,8 +32,7 @@ LoadSource = Callable[[int | None], "pb.EngineLoad | None"]
 def _moved(last: pb.EngineLoad, now: pb.EngineLoad) -> bool:
     """A change worth a load_only batch: any count, or KV usage by half a percent."""
     counts = ("running_requests", "waiting_requests", "max_running_requests", "prefill_pending_tokens")
-    return (any(getattr(last, f) != getattr(now, f) for f in counts)
-            or abs(last.token_usage - now.token_usage) > 0.005)
+    return any(getattr(last, f) != getattr(now, f) for f in counts) or abs(last.token_usage - now.token_usage) > 0.005
 
 
 class LoadRecords:
@@ -85,8 +84,9 @@ class LoadRecords:
         return batch
 
 
-async def with_load_records(batches: AsyncIterator[pb.KvEventBatch],
-                            records: LoadRecords) -> AsyncIterator[pb.KvEventBatch]:
+async def with_load_records(
+    batches: AsyncIterator[pb.KvEventBatch], records: LoadRecords
+) -> AsyncIterator[pb.KvEventBatch]:
     """The event batches, each with its record, and load_only batches while none comes."""
     pending: asyncio.Future | None = None
     try:

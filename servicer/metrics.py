@@ -7,8 +7,8 @@ from collections.abc import Callable
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app, start_http_server
-from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import ThreadingWSGIServer
 
 from servicer.image_store import ImageStore
 
@@ -20,23 +20,36 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("vlm_requests", "Generate calls by final gRPC status code", ["code"], registry=r)
-        self.ttft = Histogram("vlm_time_to_first_token_seconds", "Time to the first response message",
-                              buckets=LATENCY_BUCKETS, registry=r)
-        self.latency = Histogram("vlm_request_latency_seconds", "End-to-end Generate latency",
-                                 buckets=LATENCY_BUCKETS, registry=r)
-        self.decode = Histogram("vlm_request_decode_seconds",
-                                "Servicer-side ingest: validation, tensor decode (inline or shm), hashing, casts",
-                                buckets=LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram(
+            "vlm_time_to_first_token_seconds", "Time to the first response message", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.latency = Histogram(
+            "vlm_request_latency_seconds", "End-to-end Generate latency", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.decode = Histogram(
+            "vlm_request_decode_seconds",
+            "Servicer-side ingest: validation, tensor decode (inline or shm), hashing, casts",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.prompt_tokens = Counter("vlm_prompt_tokens", "Prompt tokens run", registry=r)
         self.completion_tokens = Counter("vlm_completion_tokens", "Tokens generated", registry=r)
         self.cached_tokens = Counter("vlm_cached_tokens", "Prompt tokens served from the prefix cache", registry=r)
-        self.mm_bytes = Counter("vlm_mm_ingested_bytes", "Multimodal tensor bytes received, by transport",
-                                ["transport"], registry=r)
+        self.mm_bytes = Counter(
+            "vlm_mm_ingested_bytes", "Multimodal tensor bytes received, by transport", ["transport"], registry=r
+        )
         self.active = Gauge("vlm_active_requests", "Generate calls in flight", registry=r)
-        self.prefix_hit_rate = Gauge("vlm_prefix_cache_hit_rate", "Cumulative prefix-cache hit rate (tokens)", registry=r)
+        self.prefix_hit_rate = Gauge(
+            "vlm_prefix_cache_hit_rate", "Cumulative prefix-cache hit rate (tokens)", registry=r
+        )
 
-    def bind(self, active: Callable[[], int], hit_rate: Callable[[], float], store: ImageStore,
-             prompt_sources: Callable[[], dict[str, int]]) -> None:
+    def bind(
+        self,
+        active: Callable[[], int],
+        hit_rate: Callable[[], float],
+        store: ImageStore,
+        prompt_sources: Callable[[], dict[str, int]],
+    ) -> None:
         """Gauges, the image store's and the engine's figures are read live at scrape time."""
         self.active.set_function(active)
         self.prefix_hit_rate.set_function(hit_rate)
@@ -50,8 +63,9 @@ class Metrics:
             return server.server_port
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         server_class = type("HttpsServer", (_HttpsServer,), {"address_family": family, "context": context})
-        server = make_server(host.strip("[]"), port, make_wsgi_app(self.registry), server_class,
-                             handler_class=_QuietHandler)
+        server = make_server(
+            host.strip("[]"), port, make_wsgi_app(self.registry), server_class, handler_class=_QuietHandler
+        )
         threading.Thread(target=server.serve_forever, name="metrics-https", daemon=True).start()
         return server.server_port
 
@@ -82,8 +96,9 @@ class _PromptSourceCollector:
         self.sources = sources
 
     def collect(self):
-        family = CounterMetricFamily("vlm_engine_prompt_tokens", "Prompt tokens by where their KV came from",
-                                     labels=["source"])
+        family = CounterMetricFamily(
+            "vlm_engine_prompt_tokens", "Prompt tokens by where their KV came from", labels=["source"]
+        )
         for source, count in self.sources().items():
             family.add_metric([source], count)
         yield family

@@ -20,7 +20,8 @@ from servicer.image_store import ImageStore, StoredImage
 from servicer.placeholders import place_items
 from servicer.shm import ConsumedSegments
 from servicer.tensors import SegmentGone, decode_tensor, encode_tensor
-from vlm_proto import common_pb2, vllm_engine_pb2 as pb
+from vlm_proto import common_pb2
+from vlm_proto import vllm_engine_pb2 as pb
 
 
 @dataclass(frozen=True)
@@ -35,8 +36,9 @@ class Modality:
 
 IMAGE = Modality("image", "image_grid_thw")
 # SMG names the video time tensor `video_second_per_grid`; vLLM's field is `second_per_grid_ts`.
-VIDEO = Modality("video", "video_grid_thw", ("second_per_grid_ts", "video_second_per_grid"),
-                 ("pixel_values", "pixel_values_videos"))
+VIDEO = Modality(
+    "video", "video_grid_thw", ("second_per_grid_ts", "video_second_per_grid"), ("pixel_values", "pixel_values_videos")
+)
 MODALITIES = {common_pb2.MODALITY_UNSPECIFIED: IMAGE, common_pb2.IMAGE: IMAGE, common_pb2.VIDEO: VIDEO}
 
 
@@ -46,7 +48,9 @@ def _grid(mm: pb.MultimodalInputs, kind: Modality, where: str, unlink_shm: bool)
     field = f"{where}.model_specific_tensors['{kind.grid_key}']"
     grid = decode_tensor(field, mm.model_specific_tensors[kind.grid_key], unlink_shm)
     if grid.is_floating_point() or grid.dim() != 2 or grid.shape[1] != 3:
-        raise InvalidArgument(f"{field}: must be an integer tensor of shape [num_{kind.name}s, 3], got {list(grid.shape)} {grid.dtype}")
+        raise InvalidArgument(
+            f"{field}: must be an integer tensor of shape [num_{kind.name}s, 3], got {list(grid.shape)} {grid.dtype}"
+        )
     grid = grid.to(torch.int64)
     if grid.shape[0] == 0 or bool((grid <= 0).any()):
         raise InvalidArgument(f"{field}: needs at least one {kind.name} and positive t, h, w")
@@ -61,7 +65,9 @@ def _rows_per_item(mm: pb.MultimodalInputs, kind: Modality, where: str, rows: li
             raise InvalidArgument(f"{where}.flat_keys: unexpected tensor '{key}' (only the pixels are flat)")
         if sizes_key not in mm.model_specific_tensors:
             raise InvalidArgument(f"{where}.flat_keys['{key}']: sizes tensor '{sizes_key}' is missing")
-        sizes = decode_tensor(f"{where}.model_specific_tensors['{sizes_key}']", mm.model_specific_tensors[sizes_key], unlink_shm)
+        sizes = decode_tensor(
+            f"{where}.model_specific_tensors['{sizes_key}']", mm.model_specific_tensors[sizes_key], unlink_shm
+        )
         sent = sizes.flatten().to(torch.int64).tolist()
         if len(sent) != len(rows) or any(s not in (0, r) for s, r in zip(sent, rows)):
             raise InvalidArgument(
@@ -71,7 +77,9 @@ def _rows_per_item(mm: pb.MultimodalInputs, kind: Modality, where: str, rows: li
     return sent
 
 
-def _seconds_per_grid(mm: pb.MultimodalInputs, kind: Modality, where: str, count: int, unlink_shm: bool) -> list[float | None]:
+def _seconds_per_grid(
+    mm: pb.MultimodalInputs, kind: Modality, where: str, count: int, unlink_shm: bool
+) -> list[float | None]:
     present = [k for k in kind.time_keys if k in mm.model_specific_tensors]
     if not present:
         return [None] * count
@@ -89,7 +97,9 @@ def _check_layout_keys(mm: pb.MultimodalInputs, kind: Modality, where: str, coun
     if extra:
         raise InvalidArgument(
             f"{where}.model_specific_tensors: unexpected {extra} for a {kind.name} batch "
-            f"(expected {kind.grid_key}{', ' + ' or '.join(kind.time_keys) if kind.time_keys else ''} and flat_keys sizes)")
+            f"(expected {kind.grid_key}{', ' + ' or '.join(kind.time_keys) if kind.time_keys else ''} "
+            "and flat_keys sizes)"
+        )
     # Layout keys may name tensors this batch lacks (SMG lists its family's keys for images and
     # videos alike); only the tensors present are checked.
     if "pixel_values" in mm.batched_keys:
@@ -97,7 +107,9 @@ def _check_layout_keys(mm: pb.MultimodalInputs, kind: Modality, where: str, coun
     for key in (k for k in mm.batched_keys if k in known):
         first = mm.model_specific_tensors[key].shape[:1]
         if list(first) != [count]:
-            raise InvalidArgument(f"{where}.batched_keys: '{key}' first dimension {list(first)} != {count} {kind.name}s")
+            raise InvalidArgument(
+                f"{where}.batched_keys: '{key}' first dimension {list(first)} != {count} {kind.name}s"
+            )
 
 
 PIXEL_LESS_PREFIX = "kv-from-prefill:"  # identity of an item a decode leg carries without pixels
@@ -115,8 +127,15 @@ class ImagePolicy:
     unlink_shm: bool = True  # --no-mm-shm-keep
 
 
-def _identities(mm: pb.MultimodalInputs, kind: Modality, where: str, raw: list[torch.Tensor | None],
-                grids: list[tuple], seconds: list[float | None], trust: bool) -> list[str]:
+def _identities(
+    mm: pb.MultimodalInputs,
+    kind: Modality,
+    where: str,
+    raw: list[torch.Tensor | None],
+    grids: list[tuple],
+    seconds: list[float | None],
+    trust: bool,
+) -> list[str]:
     """Per item: computed from the bytes (recompute), or the gateway's hash where trusted and present.
 
     A reference (no pixels) is always named by its hash: under recompute that must be
@@ -128,7 +147,9 @@ def _identities(mm: pb.MultimodalInputs, kind: Modality, where: str, raw: list[t
         given = mm.mm_hashes[i] if mm.mm_hashes else ""
         if pixels is None:
             if not given:
-                raise InvalidArgument(f"{where}.mm_hashes[{i}]: {kind.name} {i} has no pixels, so it needs its identity")
+                raise InvalidArgument(
+                    f"{where}.mm_hashes[{i}]: {kind.name} {i} has no pixels, so it needs its identity"
+                )
             out.append(given)
         elif trust and given:
             out.append(given)
@@ -138,8 +159,9 @@ def _identities(mm: pb.MultimodalInputs, kind: Modality, where: str, raw: list[t
     return out
 
 
-def _resolve(identities, ready, grids, kind: Modality, where: str, store: ImageStore,
-             kv_from_prefill: bool, store_copies: bool) -> list[torch.Tensor | None]:
+def _resolve(
+    identities, ready, grids, kind: Modality, where: str, store: ImageStore, kv_from_prefill: bool, store_copies: bool
+) -> list[torch.Tensor | None]:
     """Engine-ready pixels per item: the request's own (then stored; copied if `store_copies`), or the
     store's for references.
 
@@ -185,8 +207,9 @@ def _pixels(mm: pb.MultimodalInputs, where: str, policy: ImagePolicy) -> tuple[t
         return None, gone
 
 
-def _split(pixels, sent_rows: list[int], patch_dim: int, kind: Modality, where: str,
-           prepare_pixels) -> tuple[list, list, bool]:
+def _split(
+    pixels, sent_rows: list[int], patch_dim: int, kind: Modality, where: str, prepare_pixels
+) -> tuple[list, list, bool]:
     """Per item: the rows as sent (for hashing) and engine-ready (one cast for the batch); None where not sent.
     And whether the engine-ready rows still view the payload (no cast was needed)."""
     count = len(sent_rows)
@@ -211,7 +234,9 @@ def _retried_identities(mm: pb.MultimodalInputs, where: str, sent_rows: list[int
     carried = [i for i, n in enumerate(sent_rows) if n]
     remembered = policy.consumed.identities(name)
     if len(remembered) != len(carried):
-        raise InvalidArgument(f"{where}.pixel_values.shm: segment {name!r} carried {len(remembered)} items, not {len(carried)}")
+        raise InvalidArgument(
+            f"{where}.pixel_values.shm: segment {name!r} carried {len(remembered)} items, not {len(carried)}"
+        )
     identities = list(mm.mm_hashes) or [""] * len(sent_rows)
     for i, ident in zip(carried, remembered):
         identities[i] = ident
@@ -226,16 +251,25 @@ def _with_hashes(mm: pb.MultimodalInputs, hashes: list[str]) -> pb.MultimodalInp
     return copy
 
 
-def _frames(grid: tuple, seconds: float | None, merge: int, pad_id: int, info: ModelInfo, where: str,
-            stamp_ids: Callable[[float], Sequence[int]]) -> list[int]:
+def _frames(
+    grid: tuple,
+    seconds: float | None,
+    merge: int,
+    pad_id: int,
+    info: ModelInfo,
+    where: str,
+    stamp_ids: Callable[[float], Sequence[int]],
+) -> list[int]:
     """What one video placeholder stands for where the family lays videos out per frame; its timestamps
     need the video's time step."""
     if seconds is None:
         raise InvalidArgument(
             f"{where}.model_specific_tensors: a video sent as one placeholder needs 'video_second_per_grid' "
-            "(or 'second_per_grid_ts') for its frame timestamps, or send its expanded layout with mm_placeholders")
-    return info.family.video_tokens(grid, merge, seconds, pad_id, info.vision_start_token_id,
-                                    info.vision_end_token_id, stamp_ids)
+            "(or 'second_per_grid_ts') for its frame timestamps, or send its expanded layout with mm_placeholders"
+        )
+    return info.family.video_tokens(
+        grid, merge, seconds, pad_id, info.vision_start_token_id, info.vision_end_token_id, stamp_ids
+    )
 
 
 def decode_media(
@@ -261,7 +295,9 @@ def decode_media(
         name = common_pb2.Modality.Name(mm.modality) if mm.modality in common_pb2.Modality.values() else mm.modality
         raise InvalidArgument(f"{where}.modality: {name} is not supported (images and videos)")
     if mm.HasField("encoder_input_key") and mm.encoder_input_key not in kind.pixel_keys:
-        raise InvalidArgument(f"{where}.encoder_input_key: '{mm.encoder_input_key}' is not supported ({' or '.join(kind.pixel_keys)})")
+        raise InvalidArgument(
+            f"{where}.encoder_input_key: '{mm.encoder_input_key}' is not supported ({' or '.join(kind.pixel_keys)})"
+        )
     pad_id = mm.im_token_id if mm.HasField("im_token_id") else getattr(info, f"{kind.name}_token_id")
     if pad_id is None:
         raise InvalidArgument(f"{where}: model {info.served_model_name} takes no {kind.name}s")
@@ -269,8 +305,9 @@ def decode_media(
     count = grid.shape[0]
     limit = info.mm_item_limits.get(kind.name, 0)
     if count > limit:
-        raise InvalidArgument(f"{where}: {count} {kind.name}s exceed this engine's limit of {limit} per prompt "
-                              "(--limit-mm-per-prompt)")
+        raise InvalidArgument(
+            f"{where}: {count} {kind.name}s exceed this engine's limit of {limit} per prompt (--limit-mm-per-prompt)"
+        )
     _check_layout_keys(mm, kind, where, count)
     rows = grid.prod(-1).tolist()
     sent_rows = _rows_per_item(mm, kind, where, rows, policy.unlink_shm) if mm.HasField("pixel_values") else [0] * count
@@ -283,9 +320,14 @@ def decode_media(
     grids = [tuple(thw) for thw in grid.tolist()]
     frames = kind is VIDEO and info.family.video_frames
     placements, inserts = place_items(
-        prompt_ids, pad_id, [info.family.embeddings(g, merge) for g in grids], [(p.offset, p.length) for p in mm.mm_placeholders],
-        narrow=not frames, what=kind.name,
-        layout=(lambda i: _frames(grids[i], seconds[i], merge, pad_id, info, where, stamp_ids)) if frames else None)
+        prompt_ids,
+        pad_id,
+        [info.family.embeddings(g, merge) for g in grids],
+        [(p.offset, p.length) for p in mm.mm_placeholders],
+        narrow=not frames,
+        what=kind.name,
+        layout=(lambda i: _frames(grids[i], seconds[i], merge, pad_id, info, where, stamp_ids)) if frames else None,
+    )
     if gone is not None:  # a retry naming a segment we consumed: its items become references
         mm = _with_hashes(mm, _retried_identities(mm, where, sent_rows, policy))
     identities = _identities(mm, kind, where, raw, grids, seconds, policy.trust_gateway_hashes)
@@ -304,8 +346,16 @@ def decode_media(
     # its metadata-only entry to a request that needs the pixels.
     identities = [ident if px is not None else f"{PIXEL_LESS_PREFIX}{ident}" for ident, px in zip(identities, ready)]
     return [
-        MediaItem(pixel_values=px, grid_thw=thw, identity=ident, offset=place.offset, length=place.length,
-                  is_embed=place.is_embed, modality=kind.name, second_per_grid=sec)
+        MediaItem(
+            pixel_values=px,
+            grid_thw=thw,
+            identity=ident,
+            offset=place.offset,
+            length=place.length,
+            is_embed=place.is_embed,
+            modality=kind.name,
+            second_per_grid=sec,
+        )
         for px, thw, ident, place, sec in zip(ready, grids, identities, placements, seconds)
     ], inserts
 
@@ -322,7 +372,7 @@ def engine_prompt_ids(ids: list[int], media: list[MediaItem], policy: ImagePolic
         if item.modality == "video" and info.family.video_frames:
             continue
         if item.is_embed is None:
-            out[item.offset:item.offset + item.length] = pad_values(item.identity, item.length, policy.pad_candidates)
+            out[item.offset : item.offset + item.length] = pad_values(item.identity, item.length, policy.pad_candidates)
             continue
         positions = [item.offset + k for k in range(item.length) if item.is_embed[k]]
         for pos, pad in zip(positions, pad_values(item.identity, len(positions), policy.pad_candidates)):
@@ -339,12 +389,15 @@ def media_identity(prompt_ids: Sequence[int], media: Sequence[MediaItem]) -> pb.
         if not items:
             continue
         mm = pb.MultimodalInputs(
-            modality=enum, mm_hashes=[m.identity for m in items],
+            modality=enum,
+            mm_hashes=[m.identity for m in items],
             mm_placeholders=[pb.PlaceholderRange(offset=m.offset, length=m.length) for m in items],
-            model_specific_tensors={kind.grid_key: encode_tensor(torch.tensor([m.grid_thw for m in items]))})
+            model_specific_tensors={kind.grid_key: encode_tensor(torch.tensor([m.grid_thw for m in items]))},
+        )
         if kind is VIDEO and any(m.second_per_grid is not None for m in items):
             mm.model_specific_tensors[kind.time_keys[0]].CopyFrom(
-                encode_tensor(torch.tensor([m.second_per_grid or 0.0 for m in items], dtype=torch.float32)))
+                encode_tensor(torch.tensor([m.second_per_grid or 0.0 for m in items], dtype=torch.float32))
+            )
         batches.append(mm)
     identity = pb.MediaIdentity(prompt_token_ids=prompt_ids)
     if batches:

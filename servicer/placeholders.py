@@ -21,15 +21,20 @@ class Placement:
     is_embed: tuple[bool, ...] | None  # None: every position in the range is an embedding
 
 
-def _from_ranges(ids: list[int], pad_id: int, ranges: list[tuple[int, int]], expected: list[int],
-                 narrow: bool) -> list[Placement]:
+def _from_ranges(
+    ids: list[int], pad_id: int, ranges: list[tuple[int, int]], expected: list[int], narrow: bool
+) -> list[Placement]:
     placements, end_prev = [], 0
     for i, ((offset, length), want) in enumerate(zip(ranges, expected)):
         field = f"mm_inputs.mm_placeholders[{i}]"
         if length == 0 or offset + length > len(ids):
-            raise InvalidArgument(f"{field}: range [{offset}, {offset + length}) is outside the prompt of {len(ids)} tokens")
+            raise InvalidArgument(
+                f"{field}: range [{offset}, {offset + length}) is outside the prompt of {len(ids)} tokens"
+            )
         if offset < end_prev:
-            raise InvalidArgument(f"{field}: range starting at {offset} overlaps or precedes the previous range ending at {end_prev}")
+            raise InvalidArgument(
+                f"{field}: range starting at {offset} overlaps or precedes the previous range ending at {end_prev}"
+            )
         end_prev = offset + length
         if length == want:
             placements.append(Placement(offset, length, None))
@@ -43,7 +48,7 @@ def _from_ranges(ids: list[int], pad_id: int, ranges: list[tuple[int, int]], exp
                 f"but image {i}'s grid implies {want} embeddings"
             )
         first = mask.index(True)
-        if narrow and all(mask[first:first + want]):
+        if narrow and all(mask[first : first + want]):
             # One contiguous run: narrow the range to it. vLLM derives M-RoPE positions
             # from the range's offset, so a range starting on a structural token would
             # shift every position of the image by one.
@@ -68,8 +73,14 @@ def _runs(ids: list[int], pad_id: int) -> list[tuple[int, int]]:
 
 
 def place_items(
-    ids: list[int], pad_id: int, expected: list[int], ranges: list[tuple[int, int]], *,
-    narrow: bool = True, what: str = "image", layout: Callable[[int], Sequence[int]] | None = None,
+    ids: list[int],
+    pad_id: int,
+    expected: list[int],
+    ranges: list[tuple[int, int]],
+    *,
+    narrow: bool = True,
+    what: str = "image",
+    layout: Callable[[int], Sequence[int]] | None = None,
 ) -> tuple[list[Placement], list[tuple[int, tuple[int, ...]]]]:
     """One placement per item, in the coordinates of `ids` as sent, and the insertions
     (position, tokens replacing the placeholder there) that one-per-item placeholders need

@@ -21,8 +21,15 @@ logger = logging.getLogger(__name__)
 class GatewayRegistration:
     """One worker's entry in one gateway, kept current by `run()` (a task cancelled at shutdown)."""
 
-    def __init__(self, gateway_url: str, worker_url: str, labels: Callable[[], Awaitable[dict[str, str]]],
-                 api_key: str = "", gateway_key: str = "", interval_s: float = 10.0):
+    def __init__(
+        self,
+        gateway_url: str,
+        worker_url: str,
+        labels: Callable[[], Awaitable[dict[str, str]]],
+        api_key: str = "",
+        gateway_key: str = "",
+        interval_s: float = 10.0,
+    ):
         self.gateway_url = gateway_url.rstrip("/")
         self.worker_url = worker_url
         self.labels = labels  # read each round: the weight version changes with refits
@@ -42,9 +49,13 @@ class GatewayRegistration:
             while True:
                 try:
                     await self.ensure(http)
-                except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError) as exc:
-                    logger.warning("gateway %s: registration not confirmed (%s); retrying in %.0f s",
-                                   self.gateway_url, exc, self.interval_s)
+                except (TimeoutError, aiohttp.ClientError, ValueError, KeyError) as exc:
+                    logger.warning(
+                        "gateway %s: registration not confirmed (%s); retrying in %.0f s",
+                        self.gateway_url,
+                        exc,
+                        self.interval_s,
+                    )
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self.interval_s)
                 self._wake.clear()
@@ -69,8 +80,9 @@ class GatewayRegistration:
         async with http.patch(f"{self.gateway_url}/workers/{entry['id']}", json=body) as resp:
             resp.raise_for_status()
         self._keyed = entry["id"]
-        logger.info("gateway %s: worker %s (%s) given labels %s", self.gateway_url, entry["id"], self.worker_url,
-                    sorted(labels))
+        logger.info(
+            "gateway %s: worker %s (%s) given labels %s", self.gateway_url, entry["id"], self.worker_url, sorted(labels)
+        )
 
 
 async def stop(task: asyncio.Task | None) -> None:

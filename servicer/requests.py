@@ -28,8 +28,9 @@ def _refuse_unsupported(request: pb.GenerateRequest) -> None:
         )
 
 
-def _truncate(ids: list[int], media: list[MediaItem], sp: pb.SamplingParams,
-              info: ModelInfo) -> tuple[list[int], list[MediaItem]]:
+def _truncate(
+    ids: list[int], media: list[MediaItem], sp: pb.SamplingParams, info: ModelInfo
+) -> tuple[list[int], list[MediaItem]]:
     """`truncate_prompt_tokens` as vLLM applies it: keep N tokens (-1: the context less one), from the
     side the model's tokenizer truncates; an image or video is kept whole or the request refused."""
     if not sp.HasField("truncate_prompt_tokens"):
@@ -38,8 +39,10 @@ def _truncate(ids: list[int], media: list[MediaItem], sp: pb.SamplingParams,
     if keep == -1:
         keep = info.max_model_len - 1
     if not 1 <= keep <= info.max_model_len:
-        raise InvalidArgument(f"sampling_params.truncate_prompt_tokens: {sp.truncate_prompt_tokens} is outside "
-                              f"[1, {info.max_model_len}] (or -1 for the context length)")
+        raise InvalidArgument(
+            f"sampling_params.truncate_prompt_tokens: {sp.truncate_prompt_tokens} is outside "
+            f"[1, {info.max_model_len}] (or -1 for the context length)"
+        )
     if keep >= len(ids):
         return ids, media
     start = len(ids) - keep if info.truncation_side == "left" else 0
@@ -48,8 +51,9 @@ def _truncate(ids: list[int], media: list[MediaItem], sp: pb.SamplingParams,
             raise InvalidArgument(
                 f"sampling_params.truncate_prompt_tokens: keeping {keep} of {len(ids)} prompt tokens "
                 f"({info.truncation_side} truncation) would cut the {m.modality} at positions "
-                f"[{m.offset}, {m.offset + m.length})")
-    return ids[start:start + keep], [dataclasses.replace(m, offset=m.offset - start) for m in media]
+                f"[{m.offset}, {m.offset + m.length})"
+            )
+    return ids[start : start + keep], [dataclasses.replace(m, offset=m.offset - start) for m in media]
 
 
 def _rank(request: pb.GenerateRequest, info: ModelInfo) -> int | None:
@@ -57,8 +61,10 @@ def _rank(request: pb.GenerateRequest, info: ModelInfo) -> int | None:
     if not request.HasField("data_parallel_rank"):
         return None
     if not 0 <= request.data_parallel_rank < info.data_parallel_size:
-        raise InvalidArgument(f"data_parallel_rank: {request.data_parallel_rank} is outside [0, "
-                              f"{info.data_parallel_size}) (the engine's --data-parallel-size)")
+        raise InvalidArgument(
+            f"data_parallel_rank: {request.data_parallel_rank} is outside [0, "
+            f"{info.data_parallel_size}) (the engine's --data-parallel-size)"
+        )
     return request.data_parallel_rank
 
 
@@ -74,14 +80,18 @@ def _kv_transfer(request: pb.GenerateRequest, info: ModelInfo) -> dict | None:
             raise InvalidArgument(f"{where}: a JSON object is expected, not {type(params).__name__}")
     elif request.HasField("kv_transfer_params"):
         where = "kv_transfer_params"
-        params = {"remote_host": request.kv_transfer_params.remote_host,
-                  "remote_port": request.kv_transfer_params.remote_port}
+        params = {
+            "remote_host": request.kv_transfer_params.remote_host,
+            "remote_port": request.kv_transfer_params.remote_port,
+        }
     else:
         return None
     if not info.kv_connector:
-        raise FailedPrecondition(f"{where}: this worker has no KV connector; start its engine with vLLM's "
-                                 "--kv-transfer-config (e.g. '{\"kv_connector\": \"NixlConnector\", "
-                                 "\"kv_role\": \"kv_both\"}')")
+        raise FailedPrecondition(
+            f"{where}: this worker has no KV connector; start its engine with vLLM's "
+            '--kv-transfer-config (e.g. \'{"kv_connector": "NixlConnector", '
+            '"kv_role": "kv_both"}\')'
+        )
     return params
 
 
@@ -111,8 +121,11 @@ def _check_length(ids: list[int], info: ModelInfo, room: int = 1) -> None:
 
 
 # SamplingOptions' fields that the wire carries under the same name, with their descriptors (looked up once).
-_WIRE_SAMPLING = tuple((f.name, pb.SamplingParams.DESCRIPTOR.fields_by_name[f.name])
-                       for f in dataclasses.fields(SamplingOptions) if f.name in pb.SamplingParams.DESCRIPTOR.fields_by_name)
+_WIRE_SAMPLING = tuple(
+    (f.name, pb.SamplingParams.DESCRIPTOR.fields_by_name[f.name])
+    for f in dataclasses.fields(SamplingOptions)
+    if f.name in pb.SamplingParams.DESCRIPTOR.fields_by_name
+)
 
 
 def _given(sp: pb.SamplingParams) -> dict:
@@ -165,7 +178,9 @@ def sampling_options(sp: pb.SamplingParams, prompt_len: int, info: ModelInfo, ma
         raise InvalidArgument(f"sampling_params.min_tokens: {sp.min_tokens} exceeds max_tokens {max_tokens}")
     bad_stop = [t for t in sp.stop_token_ids if t >= info.vocab_size]
     if bad_stop:
-        raise InvalidArgument(f"sampling_params.stop_token_ids: {bad_stop} outside the vocabulary (size {info.vocab_size})")
+        raise InvalidArgument(
+            f"sampling_params.stop_token_ids: {bad_stop} outside the vocabulary (size {info.vocab_size})"
+        )
     return SamplingOptions(max_tokens=max_tokens, constraint=_constraint(sp), **given)
 
 
@@ -179,15 +194,18 @@ def _tensors(batches: list[pb.MultimodalInputs]):
 def _batches(request: pb.GenerateRequest | pb.EmbedRequest) -> list[tuple[str, pb.MultimodalInputs]]:
     """(field name, batch): `mm_inputs`, then `extra_mm_inputs[i]`; at most one batch per modality."""
     batches = ([("mm_inputs", request.mm_inputs)] if request.HasField("mm_inputs") else []) + [
-        (f"extra_mm_inputs[{i}]", mm) for i, mm in enumerate(request.extra_mm_inputs)]
+        (f"extra_mm_inputs[{i}]", mm) for i, mm in enumerate(request.extra_mm_inputs)
+    ]
     if request.extra_mm_inputs and not request.HasField("mm_inputs"):
         raise InvalidArgument("extra_mm_inputs: given without mm_inputs (the first batch goes there)")
     seen: dict[str, str] = {}
     for where, mm in batches:
         kind = MODALITIES.get(mm.modality)
         if kind is not None and kind.name in seen:
-            raise InvalidArgument(f"{where}.modality: a second {kind.name} batch (the first is {seen[kind.name]}); "
-                                  f"send all {kind.name}s in one batch")
+            raise InvalidArgument(
+                f"{where}.modality: a second {kind.name} batch (the first is {seen[kind.name]}); "
+                f"send all {kind.name}s in one batch"
+            )
         if kind is not None:
             seen[kind.name] = where
     return batches
@@ -231,7 +249,9 @@ class RequestDecoder:
         _check_length(ids, self.info, room=0)  # a pooled prompt generates nothing
         return self._decoded(request_id, ids, media, None, batches)
 
-    def _prompt(self, request, kv_from_prefill: bool = False) -> tuple[list[int], list[MediaItem], list[tuple[str, pb.MultimodalInputs]]]:
+    def _prompt(
+        self, request, kv_from_prefill: bool = False
+    ) -> tuple[list[int], list[MediaItem], list[tuple[str, pb.MultimodalInputs]]]:
         """The ids with every image and video placed and expanded, for a Generate or an Embed request."""
         ids = list(request.tokenized.input_ids)
         _check_ids(ids, self.info)
@@ -240,24 +260,43 @@ class RequestDecoder:
             raise InvalidArgument(f"mm_inputs: model {self.info.served_model_name} takes no images or videos")
         media, inserts = [], []
         for where, mm in batches:  # every batch placed on the ids as sent, then all expanded at once
-            items, added = decode_media(mm, where, ids, self.info, self.prepare_pixels, self.images, self.stamp_ids,
-                                        kv_from_prefill)
+            items, added = decode_media(
+                mm, where, ids, self.info, self.prepare_pixels, self.images, self.stamp_ids, kv_from_prefill
+            )
             media, inserts = media + items, inserts + added
         ids = expanded(ids, inserts)
-        media = sorted((dataclasses.replace(m, offset=shifted(m.offset, inserts)) for m in media), key=lambda m: m.offset)
+        media = sorted(
+            (dataclasses.replace(m, offset=shifted(m.offset, inserts)) for m in media), key=lambda m: m.offset
+        )
         for a, b in zip(media, media[1:]):  # within a batch ranges are already checked; across batches here
             if a.offset + a.length > b.offset:
-                raise InvalidArgument(f"mm_inputs.mm_placeholders: the {a.modality} at {a.offset} (length {a.length}) "
-                                      f"overlaps the {b.modality} at {b.offset}")
+                raise InvalidArgument(
+                    f"mm_inputs.mm_placeholders: the {a.modality} at {a.offset} (length {a.length}) "
+                    f"overlaps the {b.modality} at {b.offset}"
+                )
         return ids, media, batches
 
-    def _decoded(self, request_id: str, ids: list[int], media: list[MediaItem], sampling: SamplingOptions | None,
-                 batches: list[tuple[str, pb.MultimodalInputs]], rank: int | None = None,
-                 kv_transfer: dict | None = None, stream: bool = True) -> DecodedRequest:
+    def _decoded(
+        self,
+        request_id: str,
+        ids: list[int],
+        media: list[MediaItem],
+        sampling: SamplingOptions | None,
+        batches: list[tuple[str, pb.MultimodalInputs]],
+        rank: int | None = None,
+        kv_transfer: dict | None = None,
+        stream: bool = True,
+    ) -> DecodedRequest:
         engine_ids = engine_prompt_ids(ids, media, self.images, self.info)
-        engine = EngineRequest(request_id=request_id, prompt_ids=tuple(engine_ids), sampling=sampling,
-                               media=tuple(media), data_parallel_rank=rank, kv_transfer_params=kv_transfer,
-                               stream=stream)
+        engine = EngineRequest(
+            request_id=request_id,
+            prompt_ids=tuple(engine_ids),
+            sampling=sampling,
+            media=tuple(media),
+            data_parallel_rank=rank,
+            kv_transfer_params=kv_transfer,
+            stream=stream,
+        )
         mm_bytes: dict[str, int] = {}
         for t in _tensors([mm for _, mm in batches]):
             transport = t.WhichOneof("payload")

@@ -30,7 +30,9 @@ def input_logprobs(entries: Sequence[TokenLogprob] | None, prompt_ids: Sequence[
     if entries is None:
         return None
     return pb.InputLogProbs(
-        token_logprobs=[pb.InputTokenLogProb(value=e.logprob) if e.logprob is not None else pb.InputTokenLogProb() for e in entries],
+        token_logprobs=[
+            pb.InputTokenLogProb(value=e.logprob) if e.logprob is not None else pb.InputTokenLogProb() for e in entries
+        ],
         token_ids=list(prompt_ids),
         top_logprobs=[
             pb.TopLogProbs(values=e.top.logprobs, token_ids=e.top.token_ids) if e.top else pb.TopLogProbs()
@@ -39,7 +41,9 @@ def input_logprobs(entries: Sequence[TokenLogprob] | None, prompt_ids: Sequence[
     )
 
 
-def _complete(delta_ids, step: StepOutput, sample: SampleDelta, logprobs, prompt_lps, completion_tokens) -> pb.GenerateResponse:
+def _complete(
+    delta_ids, step: StepOutput, sample: SampleDelta, logprobs, prompt_lps, completion_tokens
+) -> pb.GenerateResponse:
     complete = pb.GenerateComplete(
         output_ids=delta_ids,
         finish_reason=sample.finish_reason or "stop",
@@ -126,6 +130,10 @@ class Accumulator:
         for index in sorted(self._samples):
             sample = self._samples[index]
             yield _complete(
-                sample.token_ids, step, sample.last, output_logprobs(sample.logprobs), self._prompt_lps,
+                sample.token_ids,
+                step,
+                sample.last,
+                output_logprobs(sample.logprobs),
+                self._prompt_lps,
                 len(sample.token_ids),
             )

@@ -21,8 +21,13 @@ from servicer.errors import Aborted, FailedPrecondition, InvalidArgument
 logger = logging.getLogger(__name__)
 # What this worker's RL control plane does, in the labels SMG lists as a worker's capabilities (advisory: SMG
 # refuses no call by them). Pause modes: vLLM's and SGLang's; updates: from disk and vLLM's NCCL transfer.
-CAPABILITY_LABELS = {"rl.pause_modes": "abort,wait,keep,in_place,retract", "rl.update_from": "disk,distributed",
-                     "rl.flush_cache": "true", "rl.sleep_wake": "true", "rl.reports_weight_version": "true"}
+CAPABILITY_LABELS = {
+    "rl.pause_modes": "abort,wait,keep,in_place,retract",
+    "rl.update_from": "disk,distributed",
+    "rl.flush_cache": "true",
+    "rl.sleep_wake": "true",
+    "rl.reports_weight_version": "true",
+}
 
 
 @dataclass
@@ -51,8 +56,10 @@ class RlController:
     @contextlib.asynccontextmanager
     async def _exclusive(self, what: str):
         if self._changing.locked():
-            raise Aborted(f"{what}: the weights are being changed (a refit or a weight transfer is running); "
-                          "retry when it has finished")
+            raise Aborted(
+                f"{what}: the weights are being changed (a refit or a weight transfer is running); "
+                "retry when it has finished"
+            )
         async with self._changing:
             yield
 
@@ -202,8 +209,9 @@ class RlController:
             "is_sleeping": await self.control.is_sleeping(),
             "weights_changing": self.weights_changing,
             "refits": self.refits,
-            "last_refit": None if last is None else {"source": last.source, "seconds": round(last.seconds, 3),
-                                                     "version": last.version},
+            "last_refit": None
+            if last is None
+            else {"source": last.source, "seconds": round(last.seconds, 3), "version": last.version},
             "unfinished_requests": self._engine.num_unfinished_requests(),
             "sleep_mode": self.control.sleep_mode,
             "weight_transfer": self.control.weight_transfer,

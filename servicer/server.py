@@ -19,12 +19,14 @@ from servicer.image_store import ImageStore
 from servicer.kv_events import MediaTokens
 from servicer.metrics import Metrics
 from servicer.multimodal import ImagePolicy
-from servicer.registrar import GatewayRegistration, stop as stop_registration
+from servicer.registrar import GatewayRegistration
+from servicer.registrar import stop as stop_registration
 from servicer.requests import RequestDecoder
 from servicer.rl import CAPABILITY_LABELS, RlController
 from servicer.shm import ConsumedSegments
 from servicer.tls import control_ssl_context, grpc_server_credentials, ssl_context
-from vlm_proto import vllm_engine_pb2 as pb, vllm_engine_pb2_grpc as pb_grpc
+from vlm_proto import vllm_engine_pb2 as pb
+from vlm_proto import vllm_engine_pb2_grpc as pb_grpc
 
 logger = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["VllmEngine"].full_name
@@ -37,21 +39,26 @@ class Server:
 
     def __init__(self, config: ServerConfig, engine: EngineClient):
         limit = config.max_message_mb * 1024 * 1024
-        self.grpc = grpc.aio.server(options=[
-            ("grpc.max_receive_message_length", limit),
-            ("grpc.max_send_message_length", limit),
-            # SMG pings its workers every 30 s. A non-streaming Generate sends nothing until it is done, and gRPC
-            # Core's defaults count each such ping (under a 5 min floor) as a strike: after two it sends GOAWAY,
-            # failing every call on the connection. Accept pings every 10 s, strike none, and allow them idle.
-            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-            ("grpc.http2.max_ping_strikes", 0),
-            ("grpc.keepalive_permit_without_calls", 1),
-        ])
+        self.grpc = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+                # SMG pings its workers every 30 s. A non-streaming Generate sends nothing until it is done, and gRPC
+                # Core's defaults count each such ping (under a 5 min floor) as a strike: after two it sends GOAWAY,
+                # failing every call on the connection. Accept pings every 10 s, strike none, and allow them idle.
+                ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+                ("grpc.http2.max_ping_strikes", 0),
+                ("grpc.keepalive_permit_without_calls", 1),
+            ]
+        )
         self.metrics = Metrics()
         self.rl = RlController(engine)
         self.servicer = _build_servicer(config, engine, self.metrics, self.rl)
-        self.control = (ControlEndpoint(self.rl, config.control_api_key, config.control_allow_collective_rpc)
-                        if config.control_port is not None else None)
+        self.control = (
+            ControlEndpoint(self.rl, config.control_api_key, config.control_allow_collective_rpc)
+            if config.control_port is not None
+            else None
+        )
         self.health = health.aio.HealthServicer()
         pb_grpc.add_VllmEngineServicer_to_server(self.servicer, self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
@@ -64,10 +71,12 @@ class Server:
         else:
             self.port = self.grpc.add_insecure_port(address)
             if not is_loopback(config.host):
-                logger.warning("serving plaintext gRPC on %s: token ids, images and outputs cross the network "
-                               "unencrypted and any client may call; give --tls-cert-file/--tls-key-file "
-                               "(and --tls-client-ca-file for mTLS), or keep this port inside a mesh that encrypts",
-                               config.host)
+                logger.warning(
+                    "serving plaintext gRPC on %s: token ids, images and outputs cross the network "
+                    "unencrypted and any client may call; give --tls-cert-file/--tls-key-file "
+                    "(and --tls-client-ca-file for mTLS), or keep this port inside a mesh that encrypts",
+                    config.host,
+                )
         self.health_port: int | None = None
         self.health_server = self._health_only(config) if config.health_port is not None else None
         self.engine = engine
@@ -89,25 +98,39 @@ class Server:
         if self.config.metrics_port is not None:
             context = ssl_context(self.config.tls)  # metrics follow the gRPC port's TLS choice
             self.metrics_port = self.metrics.serve(self.config.host, self.config.metrics_port, context)
-            logger.info("metrics on http%s://%s:%d/metrics", "s" * bool(self.config.tls), self.config.host,
-                        self.metrics_port)
+            logger.info(
+                "metrics on http%s://%s:%d/metrics", "s" * bool(self.config.tls), self.config.host, self.metrics_port
+            )
         self.engine.start_kv_events()
         await self.grpc.start()
         if self.control is not None:
-            self.control_port = await self.control.start(self.config.control_host, self.config.control_port,
-                                                         control_ssl_context(self.config))
-            logger.info("RL control endpoint on %s://%s:%d (%s)", self.control_scheme, self.config.control_host,
-                        self.control_port, "bearer key required" if self.config.control_api_key
-                        else "no key: loopback only")
+            self.control_port = await self.control.start(
+                self.config.control_host, self.config.control_port, control_ssl_context(self.config)
+            )
+            logger.info(
+                "RL control endpoint on %s://%s:%d (%s)",
+                self.control_scheme,
+                self.config.control_host,
+                self.control_port,
+                "bearer key required" if self.config.control_api_key else "no key: loopback only",
+            )
         if self.config.register_with:
             self._register()
         if self.health_server is not None:
             await self.health_server.start()
             logger.info("plaintext health checks on %s:%d", self.config.host, self.health_port)
         await self._set_serving(health_pb2.HealthCheckResponse.SERVING)
-        logger.info("serving %s on %s:%d%s", self.engine.info.served_model_name, self.config.host, self.port,
-                    " (TLS, client certificates required)" if self.config.tls and self.config.tls.client_ca_file
-                    else " (TLS)" if self.config.tls else "")
+        logger.info(
+            "serving %s on %s:%d%s",
+            self.engine.info.served_model_name,
+            self.config.host,
+            self.port,
+            " (TLS, client certificates required)"
+            if self.config.tls and self.config.tls.client_ca_file
+            else " (TLS)"
+            if self.config.tls
+            else "",
+        )
 
     @property
     def control_scheme(self) -> str:
@@ -123,9 +146,14 @@ class Server:
                 current |= CAPABILITY_LABELS | {"rl.control_url": f"{self.control_scheme}://{host}:{self.control_port}"}
             return current
 
-        self.registration = GatewayRegistration(config.register_with, f"grpc://{host}:{self.port}", labels,
-                                                config.control_api_key, config.gateway_api_key,
-                                                config.register_interval_s)
+        self.registration = GatewayRegistration(
+            config.register_with,
+            f"grpc://{host}:{self.port}",
+            labels,
+            config.control_api_key,
+            config.gateway_api_key,
+            config.register_interval_s,
+        )
         self.rl.on_weights_changed.append(self.registration.wake)
         self._registering = asyncio.create_task(self.registration.run(), name="gateway-registration")
         logger.info("keeping grpc://%s:%d registered with %s", host, self.port, config.register_with)
@@ -144,7 +172,9 @@ class Server:
         await stop_registration(self._registering)
         self.servicer.draining = True
         deadline = time.monotonic() + self.config.drain_timeout_s
-        logger.info("draining %d in-flight requests (up to %.0f s)", len(self.servicer.in_flight), self.config.drain_timeout_s)
+        logger.info(
+            "draining %d in-flight requests (up to %.0f s)", len(self.servicer.in_flight), self.config.drain_timeout_s
+        )
         while self.servicer.in_flight and time.monotonic() < deadline:
             await asyncio.sleep(DRAIN_POLL_S)
         await self.grpc.stop(max(0.0, deadline - time.monotonic()))
@@ -161,7 +191,9 @@ class Server:
         logger.error("engine died; going NOT_SERVING")
 
 
-def _build_servicer(config: ServerConfig, engine: EngineClient, metrics: Metrics, rl: RlController) -> VllmEngineServicer:
+def _build_servicer(
+    config: ServerConfig, engine: EngineClient, metrics: Metrics, rl: RlController
+) -> VllmEngineServicer:
     """The servicer and what it works with: the image store, the decode threads, the image policy, the decoder."""
     store = ImageStore(int(config.mm_store_gb * 1024**3))
     policy = ImagePolicy(
@@ -176,8 +208,12 @@ def _build_servicer(config: ServerConfig, engine: EngineClient, metrics: Metrics
     pool = ThreadPoolExecutor(config.decode_workers, thread_name_prefix="decode")
     media_tokens = MediaTokens() if engine.info.kv_events and config.mm_pad_values else None
     servicer = VllmEngineServicer(engine, config, metrics, decoder, store, pool, rl, media_tokens)
-    metrics.bind(lambda: len(servicer.in_flight), lambda: engine.stats.prefix_cache_hit_rate, store,
-                 lambda: dict(engine.stats.prompt_tokens_by_source))
+    metrics.bind(
+        lambda: len(servicer.in_flight),
+        lambda: engine.stats.prefix_cache_hit_rate,
+        store,
+        lambda: dict(engine.stats.prompt_tokens_by_source),
+    )
     return servicer
 
 

@@ -54,7 +54,7 @@ def attach(name: str, offset: int, nbytes: int, unlink: bool) -> memoryview:
         os.close(fd)
         if unlink:
             _unlink(path)
-    return memoryview(mapping)[offset:offset + nbytes]
+    return memoryview(mapping)[offset : offset + nbytes]
 
 
 def _unlink(path: str) -> None:

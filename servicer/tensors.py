@@ -35,8 +35,10 @@ class SegmentGone(FailedPrecondition):
     """The named shared-memory segment no longer exists (e.g. a gateway retry after we consumed it)."""
 
     def __init__(self, field: str, name: str):
-        super().__init__(f"{field}.shm: segment {name!r} no longer exists (consumed by an earlier attempt?); resend the tensor",
-                         metadata=(("vlm-missing-shm-segments", name),))
+        super().__init__(
+            f"{field}.shm: segment {name!r} no longer exists (consumed by an earlier attempt?); resend the tensor",
+            metadata=(("vlm-missing-shm-segments", name),),
+        )
         self.name = name
 
 
@@ -71,7 +73,9 @@ def decode_tensor(field: str, tensor: pb.TensorData, unlink_shm: bool = True) ->
     if payload == "inline":
         data = tensor.inline
         if len(data) != expected:
-            raise InvalidArgument(f"{field}: {len(data)} bytes but shape {list(shape)} of {tensor.dtype} needs {expected}")
+            raise InvalidArgument(
+                f"{field}: {len(data)} bytes but shape {list(shape)} of {tensor.dtype} needs {expected}"
+            )
     elif payload == "shm":
         handle = tensor.shm
         try:  # attach (and so unlink) before any other check: a refused request leaks no segment
@@ -81,7 +85,9 @@ def decode_tensor(field: str, tensor: pb.TensorData, unlink_shm: bool = True) ->
                 raise SegmentGone(field, handle.name) from None
             raise InvalidArgument(f"{field}.shm: {exc}") from None
         if handle.nbytes != expected:
-            raise InvalidArgument(f"{field}.shm.nbytes: {handle.nbytes} but shape {list(shape)} of {tensor.dtype} needs {expected}")
+            raise InvalidArgument(
+                f"{field}.shm.nbytes: {handle.nbytes} but shape {list(shape)} of {tensor.dtype} needs {expected}"
+            )
     elif payload is None:
         raise InvalidArgument(f"{field}: no payload (set inline bytes or a shm handle)")
     else:

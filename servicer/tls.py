@@ -57,8 +57,9 @@ def _context(files: TlsFiles) -> ssl.SSLContext:
             context.load_verify_locations(cafile=files.client_ca_file)
             context.verify_mode = ssl.CERT_REQUIRED
     except (OSError, ssl.SSLError) as exc:
-        raise TlsFileError(f"{files.cert_file} / {files.key_file}"
-                           f"{f' / {files.client_ca_file}' if files.client_ca_file else ''}: {exc}") from exc
+        raise TlsFileError(
+            f"{files.cert_file} / {files.key_file}{f' / {files.client_ca_file}' if files.client_ca_file else ''}: {exc}"
+        ) from exc
     return context
 
 
@@ -112,8 +113,10 @@ class GrpcCredentials:
     def __init__(self, files: TlsFiles):
         self._watch = _Watch(files, _read)
         self.credentials = grpc.dynamic_ssl_server_credentials(
-            _grpc_configuration(self._watch.current), self.fetch,
-            require_client_authentication=files.client_ca_file is not None)
+            _grpc_configuration(self._watch.current),
+            self.fetch,
+            require_client_authentication=files.client_ca_file is not None,
+        )
 
     def fetch(self):
         """gRPC's callback before each new connection's handshake: a new configuration, or None for no change."""
@@ -167,4 +170,3 @@ def ssl_context(files: TlsFiles | None) -> ssl.SSLContext | None:
 def control_ssl_context(config: ServerConfig) -> ssl.SSLContext | None:
     """The RL control endpoint's server context (None: plain HTTP). Its files default to the gRPC port's."""
     return ssl_context(config.control_tls)
-

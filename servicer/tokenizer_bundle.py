@@ -13,9 +13,21 @@ from dataclasses import dataclass
 
 # What a gateway needs to tokenize, template and preprocess: tokenizer, chat template, the model's
 # config (it picks the model family from it), generation defaults and the image/video processors.
-PATTERNS = ("tokenizer*.json", "tokenizer.model", "*.tiktoken", "tiktoken.model", "vocab.*", "merges.txt",
-            "special_tokens_map.json", "added_tokens.json", "chat_template.json", "*.jinja", "config.json",
-            "generation_config.json", "*processor_config.json")
+PATTERNS = (
+    "tokenizer*.json",
+    "tokenizer.model",
+    "*.tiktoken",
+    "tiktoken.model",
+    "vocab.*",
+    "merges.txt",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.json",
+    "*.jinja",
+    "config.json",
+    "generation_config.json",
+    "*processor_config.json",
+)
 CHUNK_BYTES = 64 * 1024
 _EPOCH = (1980, 1, 1, 0, 0, 0)  # zip's earliest timestamp: the bytes do not depend on file times
 
@@ -36,8 +48,11 @@ class Bundle:
 def build(folder: str) -> Bundle:
     """Zip the tokenizer files at the top of `folder` (blocking file I/O: call off the event loop)."""
     root = pathlib.Path(folder)
-    files = sorted(p for p in root.iterdir() if p.is_file() and any(fnmatch.fnmatch(p.name, pat) for pat in PATTERNS)) \
-        if root.is_dir() else []
+    files = (
+        sorted(p for p in root.iterdir() if p.is_file() and any(fnmatch.fnmatch(p.name, pat) for pat in PATTERNS))
+        if root.is_dir()
+        else []
+    )
     if not any(p.name.startswith("tokenizer") or p.name.endswith(".tiktoken") for p in files):
         raise FileNotFoundError(f"no tokenizer files in {folder}")
     buf = io.BytesIO()

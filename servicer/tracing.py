@@ -36,9 +36,12 @@ class RequestTrace:
     def __init__(self, tracer, metadata, request_id: str):
         self._tracer = tracer
         carrier = {key: value for key, value in metadata or () if key in TRACE_KEYS}
-        self.span = tracer.start_span("vlm.Generate", context=_PROPAGATOR.extract(carrier), kind=SpanKind.SERVER,
-                                      attributes={"rpc.system": "grpc", "rpc.method": "Generate",
-                                                  "gen_ai.request.id": request_id})
+        self.span = tracer.start_span(
+            "vlm.Generate",
+            context=_PROPAGATOR.extract(carrier),
+            kind=SpanKind.SERVER,
+            attributes={"rpc.system": "grpc", "rpc.method": "Generate", "gen_ai.request.id": request_id},
+        )
         self._context = trace.set_span_in_context(self.span)
         self._step = None
         self._outputs = 0
@@ -64,8 +67,13 @@ class RequestTrace:
         """Close the step and the call's span with the call's final gRPC status and token counts."""
         failed = code != "OK"
         self._end_step(failed)
-        self.span.set_attributes({"rpc.grpc.status_code": code, "gen_ai.usage.prompt_tokens": prompt_tokens,
-                                  "gen_ai.usage.completion_tokens": completion_tokens})
+        self.span.set_attributes(
+            {
+                "rpc.grpc.status_code": code,
+                "gen_ai.usage.prompt_tokens": prompt_tokens,
+                "gen_ai.usage.completion_tokens": completion_tokens,
+            }
+        )
         if failed:
             self.span.set_status(Status(StatusCode.ERROR, code))
         self.span.end()

@@ -78,8 +78,10 @@ class Family:
 
     def token_ids(self, hf_config) -> dict[str, int | None]:
         """Placeholder and boundary token ids, by Tokens field name, from the checkpoint's config."""
-        return {name: getattr(hf_config, tok.config_key, None)
-                for name, tok in zip(("image_pad", "video_pad", "vision_start", "vision_end"), self.tokens)}
+        return {
+            name: getattr(hf_config, tok.config_key, None)
+            for name, tok in zip(("image_pad", "video_pad", "vision_start", "vision_end"), self.tokens)
+        }
 
     def merge_size(self, vision_config) -> int:
         return int(getattr(vision_config, self.vision_keys[3]))
@@ -108,13 +110,25 @@ class Family:
         """A frame's timestamp, as the family's processor writes it."""
         return self.frame_stamp.format(seconds)
 
-    def video_tokens(self, grid_thw: Sequence[int], merge: int, seconds_per_step: float, pad_id: int, start_id: int,
-                     end_id: int, stamp_ids: Callable[[float], Sequence[int]]) -> list[int]:
+    def video_tokens(
+        self,
+        grid_thw: Sequence[int],
+        merge: int,
+        seconds_per_step: float,
+        pad_id: int,
+        start_id: int,
+        end_id: int,
+        stamp_ids: Callable[[float], Sequence[int]],
+    ) -> list[int]:
         """What one video placeholder stands for under a frame layout. `stamp_ids(seconds)` is stamp_text
         encoded on its own, as vLLM encodes it, so a stamp never merges with neighbouring text."""
         t, h, w = grid_thw
         out: list[int] = []
         for k in range(t):
-            out += [*stamp_ids((k + self.stamp_at) * seconds_per_step), start_id,
-                    *[pad_id] * (h * w // (merge * merge)), end_id]
+            out += [
+                *stamp_ids((k + self.stamp_at) * seconds_per_step),
+                start_id,
+                *[pad_id] * (h * w // (merge * merge)),
+                end_id,
+            ]
         return out

@@ -23,12 +23,28 @@ FAMILY = Family(
         folder="models/tiny-qwen2-vl",
         version="qwen2-vl-random-2",
         text={"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [8, 12, 12]}},
-        vision=dict(depth=2, embed_dim=32, hidden_size=128, num_heads=2, mlp_ratio=2, patch_size=14,
-                    spatial_merge_size=2, temporal_patch_size=2, in_channels=3, initializer_range=0.1),
+        vision=dict(
+            depth=2,
+            embed_dim=32,
+            hidden_size=128,
+            num_heads=2,
+            mlp_ratio=2,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            in_channels=3,
+            initializer_range=0.1,
+        ),
         image_processor={"patch_size": 14},
         # Frames of 56x56 .. ~448x448 pixels (each frame's pixels, as for images).
-        video_processor=("Qwen2VLVideoProcessor", dict(
-            size={"shortest_edge": 4 * 28 * 28, "longest_edge": 256 * 28 * 28},
-            patch_size=14, temporal_patch_size=2, merge_size=2)),
+        video_processor=(
+            "Qwen2VLVideoProcessor",
+            dict(
+                size={"shortest_edge": 4 * 28 * 28, "longest_edge": 256 * 28 * 28},
+                patch_size=14,
+                temporal_patch_size=2,
+                merge_size=2,
+            ),
+        ),
     ),
 )
