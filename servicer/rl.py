@@ -120,6 +120,7 @@ class RlController:
             pause_here = not await self.control.is_paused()
             if pause_here:
                 await self.control.pause(drain)
+                self.paused = True
             try:
                 await self.control.reload_weights(path)
                 if version is not None:
@@ -127,6 +128,7 @@ class RlController:
             finally:
                 if pause_here:
                     await self.control.resume()
+                    self.paused = False
             return self._refitted(path, started)
 
     def _refitted(self, source: str, started: float, version: str | None = None) -> RefitRecord:
@@ -147,6 +149,7 @@ class RlController:
             self._transfer_paused_here = not await self.control.is_paused()
             if self._transfer_paused_here:
                 await self.control.pause("wait")
+                self.paused = True
             await self.control.start_weight_update()
         except BaseException:
             await self._end_transfer()
@@ -171,6 +174,7 @@ class RlController:
         try:
             if self._transfer_paused_here:
                 await self.control.resume()
+                self.paused = False
         finally:
             self._transfer_paused_here = False
             self._changing.release()

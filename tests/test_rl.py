@@ -373,6 +373,9 @@ BAD_CALLS = [
      "--weight-transfer-config"),
     ("update without start", "POST", "/update_weights", {"update_info": {}}, KEY, None, None, 409,
      "start_weight_update"),
+    ("start without weight transfer", "POST", "/start_weight_update", {}, KEY, None, None, 409,
+     "--weight-transfer-config"),
+    ("finish without start", "POST", "/finish_weight_update", {}, KEY, None, None, 409, "start_weight_update"),
     ("sleep without sleep mode", "POST", "/sleep", None, KEY, {"level": "1"}, None, 409, "--enable-sleep-mode"),
     ("empty version", "POST", "/update_weight_version", {"new_version": ""}, KEY, None, None, 400, "new_version"),
 ]
