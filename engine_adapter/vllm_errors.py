@@ -8,24 +8,13 @@ from vllm.v1.engine.exceptions import EngineDeadError as VllmEngineDeadError
 
 from engine_adapter.errors import (
     EngineCapacityError,
-    EngineCursorError,
     EngineDeadError,
+    EngineError,
     EngineOperationError,
     EngineRequestError,
-    EngineRetryableError,
     EngineStateError,
 )
 from engine_adapter.sampling import SAMPLING_FIELDS
-
-_OURS = (
-    EngineCapacityError,
-    EngineCursorError,
-    EngineDeadError,
-    EngineOperationError,
-    EngineRequestError,
-    EngineRetryableError,
-    EngineStateError,
-)
 
 
 @contextlib.contextmanager
@@ -39,7 +28,7 @@ def engine_errors(parameter: str | None = None, fatal: bool = False, operation: 
     """
     try:
         yield
-    except _OURS:
+    except EngineError:
         raise
     except VllmEngineDeadError as exc:
         raise EngineDeadError(str(exc)) from exc

@@ -47,6 +47,7 @@ class RlController:
         self.control = engine.control
         self._changing = asyncio.Lock()  # held by a refit, or from start_weight_update to finish_weight_update
         self._transfer_paused_here = False
+        self._transfer_open = False  # between start_weight_update and finish_weight_update
         self._transfer_started = 0.0
         self.paused = False  # our own record of the pause state, for synchronous readers (load records)
         self.refits = 0
@@ -145,6 +146,7 @@ class RlController:
         if self._changing.locked():
             raise Aborted("start_weight_update: a refit or another weight transfer is running")
         await self._changing.acquire()
+        self._transfer_open = True
         try:
             self._transfer_paused_here = not await self.control.is_paused()
             if self._transfer_paused_here:
@@ -157,12 +159,12 @@ class RlController:
         self._transfer_started = time.monotonic()
 
     async def update_weights(self, update_info) -> None:
-        if not self._changing.locked():
+        if not self._transfer_open:
             raise FailedPrecondition("update_weights: call start_weight_update first")
         await self.control.update_weights(update_info)
 
     async def finish_weight_update(self, version: str | None) -> RefitRecord:
-        if not self._changing.locked():
+        if not self._transfer_open:
             raise FailedPrecondition("finish_weight_update: no weight update was started (start_weight_update)")
         try:
             await self.control.finish_weight_update(version)
@@ -176,7 +178,7 @@ class RlController:
                 await self.control.resume()
                 self.paused = False
         finally:
-            self._transfer_paused_here = False
+            self._transfer_paused_here = self._transfer_open = False
             self._changing.release()
 
     async def flush(self) -> bool:
