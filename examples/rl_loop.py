@@ -164,14 +164,14 @@ def refit(gateway: Gateway, key: str, checkpoint: pathlib.Path, version: str) ->
 
 
 def run(cluster: Cluster, workdir: pathlib.Path, steps: int = 3, model: pathlib.Path = SHAPES_MODEL,
-        log=print) -> list[StepReport]:
+        train_steps: int = TRAIN_STEPS, log=print) -> list[StepReport]:
     rollouts = Rollouts(model, [w.host for w in cluster.workers])
     checkpoint, version, reports = model, "default", []
     for step in range(1, steps + 1):
         report = StepReport(step, version, str(checkpoint))
         report.rollouts = asyncio.run(rollouts.run(step, PROMPTS_PER_STEP, seed=1000 * step))
         new_checkpoint = workdir / f"policy-step{step}"
-        finetune(checkpoint, new_checkpoint, steps=TRAIN_STEPS, seed=step, eval_images=20, log=lambda _: None)
+        finetune(checkpoint, new_checkpoint, steps=train_steps, seed=step, eval_images=20, log=lambda _: None)
         checkpoint, version = new_checkpoint, f"step-{step}"
         report.worker_versions, report.refit_seconds = refit(cluster.gateway, cluster.key, checkpoint, version)
         reports.append(report)

@@ -136,7 +136,7 @@ async def test_smg_forwards_bad_control_calls_as_the_workers_4xx(cluster):
 
 
 def test_rl_loop_example_runs_three_steps_on_policy(cluster, tmp_path):
-    reports = rl_loop.run(cluster, tmp_path, steps=3)
+    reports = rl_loop.run(cluster, tmp_path, steps=3, train_steps=8)  # a few steps: the weights change, which is the point
     previous = "default"
     for report in reports:
         assert report.version == previous
