@@ -14,7 +14,7 @@ from vllm.v1.engine.async_llm import AsyncLLM
 
 from engine_adapter.checkpoint import check_replaceable
 from engine_adapter.errors import EngineOperationError, EngineRequestError, EngineStateError
-from engine_adapter.types import PAUSE_MODES
+from engine_adapter.types import PAUSE_MODES, PauseMode
 from engine_adapter.vllm_errors import engine_errors
 
 logger = logging.getLogger(__name__)
@@ -33,10 +33,9 @@ class EngineControl:
     async def pause(self, mode: str = "abort", clear_cache: bool = False) -> None:
         """vLLM's pause: `abort` ends in-flight requests, `wait` lets them finish, `keep` freezes them.
         New requests queue in the engine until `resume`."""
-        if mode not in PAUSE_MODES:
-            raise EngineRequestError(f"mode: {mode!r} is not one of {', '.join(PAUSE_MODES)}")
+        pause_mode = _pause_mode(mode)
         with engine_errors(operation="pause"):
-            await self._llm.pause_generation(mode=mode, clear_cache=clear_cache)
+            await self._llm.pause_generation(mode=pause_mode, clear_cache=clear_cache)
 
     async def resume(self) -> None:
         with engine_errors(operation="resume"):
@@ -50,15 +49,14 @@ class EngineControl:
         """Level 0 pauses scheduling; 1 also offloads weights and drops the KV cache; 2 drops weights too."""
         if level not in (0, 1, 2):
             raise EngineRequestError(f"level: {level} is not 0, 1 or 2")
-        if mode not in PAUSE_MODES:
-            raise EngineRequestError(f"mode: {mode!r} is not one of {', '.join(PAUSE_MODES)}")
+        pause_mode = _pause_mode(mode)
         if level > 0 and not self.sleep_mode:
             raise EngineStateError(
                 f"level: sleep level {level} frees device memory, which needs the engine started "
                 "with --enable-sleep-mode (CUDA only); level 0 pauses scheduling alone"
             )
         with engine_errors(operation="sleep"):
-            await self._llm.sleep(level, mode)
+            await self._llm.sleep(level, pause_mode)
 
     async def wake_up(self, tags: list[str] | None = None) -> bool:
         with engine_errors(operation="wake_up"):
@@ -159,3 +157,11 @@ class EngineControl:
     ) -> list:
         with engine_errors(operation=f"collective_rpc {method}"):
             return await self._llm.collective_rpc(method, timeout=timeout, args=args, kwargs=kwargs)
+
+
+def _pause_mode(mode: str) -> PauseMode:
+    """`mode` as one of vLLM's pause modes, or EngineRequestError naming it."""
+    for known in PAUSE_MODES:
+        if mode == known:
+            return known
+    raise EngineRequestError(f"mode: {mode!r} is not one of {', '.join(PAUSE_MODES)}")

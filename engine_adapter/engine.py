@@ -9,8 +9,10 @@ import logging
 import os
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 
+import torch
 import vllm
 from vllm import PoolingParams, SamplingParams
+from vllm.config import VllmConfig
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.utils.argparse_utils import FlexibleArgumentParser
 from vllm.v1.engine.async_llm import AsyncLLM
@@ -19,6 +21,7 @@ from vllm.v1.metrics.loggers import PrometheusStatLogger, StatLoggerBase
 from engine_adapter.control import EngineControl
 from engine_adapter.errors import (
     EngineCapacityError,
+    EngineDeadError,
     EngineRequestError,
     EngineRetryableError,
     EngineStateError,
@@ -102,7 +105,7 @@ class Engine:
     """One AsyncLLM and what the servicer needs from it."""
 
     def __init__(self, llm: AsyncLLM, stats: EngineStats):
-        self._llm = llm
+        self._llm: AsyncLLM | None = llm  # None once shut down
         self.stats = stats
         self._tokenizer = llm.get_tokenizer()
         self.info: ModelInfo = model_info(llm.vllm_config, self._tokenizer, llm.log_requests)
@@ -117,8 +120,9 @@ class Engine:
         mm_config = llm.vllm_config.model_config.multimodal_config
         # With vLLM's shared-memory processor cache, each image is written once per identity
         # into a ring every rank maps, and requests carry only its address.
-        self.shares_mm_by_shm = bool(mm_config and mm_config.mm_processor_cache_type == "shm")
-        if self.shares_mm_by_shm:
+        self.shares_mm_by_shm = False
+        if mm_config is not None and mm_config.mm_processor_cache_type == "shm":
+            self.shares_mm_by_shm = True
             self._shm_bytes = int(mm_config.mm_processor_cache_gb * 1024**3)
             self._shm_item_bytes = mm_config.mm_shm_cache_max_object_size_mb * 1024**2
 
@@ -132,17 +136,28 @@ class Engine:
             logger.info(
                 "multimodal items shared with the engine's ranks through shared memory ring %s", claim_ring_name()
             )
-        llm = AsyncLLM.from_engine_args(
-            args, stat_loggers=[lambda config, index=0: _StatsRecorder(stats, index), _UnexportedPrometheus]
-        )
+
+        def recorder(config: VllmConfig, index: int = 0) -> StatLoggerBase:
+            return _StatsRecorder(stats, index)
+
+        llm = AsyncLLM.from_engine_args(args, stat_loggers=[recorder, _UnexportedPrometheus])
         return cls(llm, stats)
+
+    @property
+    def _live(self) -> AsyncLLM:
+        """The AsyncLLM, until shutdown() lets it go."""
+        if self._llm is None:
+            raise EngineDeadError("the engine has been shut down")
+        return self._llm
 
     def stamp_ids(self, seconds: float) -> tuple[int, ...]:
         """A video frame's timestamp as the family's processor writes it, encoded on its own (vLLM does the
         same, so stamps never merge with neighbouring text)."""
-        return tuple(self._tokenizer.encode(self.info.family.stamp_text(seconds), add_special_tokens=False))
+        family = self.info.family
+        assert family is not None  # only videos have frames, and a model without a family refuses them
+        return tuple(self._tokenizer.encode(family.stamp_text(seconds), add_special_tokens=False))
 
-    def prepare_pixels(self, pixels):
+    def prepare_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         """Pixels as the vision tower takes them (CPU-bound: call off the event loop)."""
         return prepare_pixels(pixels, self._norm, self.info.device_normalizes_pixels, self.info.dtype)
 
@@ -155,9 +170,10 @@ class Engine:
         it on CancelledError/GeneratorExit); vLLM's errors surface as our own types.
         """
         options = request.sampling
+        assert options is not None  # a generation request carries its sampling options (embed()'s does not)
         with engine_errors():
             sampling = to_sampling_params(options, final_only=not request.stream)
-        queue = self._llm.scheduler_config.max_num_queued_reqs
+        queue = self._live.scheduler_config.max_num_queued_reqs
         if queue is not None and options.n > queue:  # vLLM's admission would refuse it as "busy" forever
             raise EngineRequestError(
                 f"sampling_params.n: {options.n} exceeds the engine's --max-num-queued-reqs {queue}"
@@ -173,7 +189,7 @@ class Engine:
             on_admitted()
         with engine_errors():
             engine_input = self._engine_input(request)
-            async for output in self._llm.generate(
+            async for output in self._live.generate(
                 engine_input,
                 sampling,
                 request.request_id,
@@ -191,7 +207,7 @@ class Engine:
         final = None
         with engine_errors():
             engine_input = self._engine_input(request)
-            async for output in self._llm.encode(engine_input, PoolingParams(task="embed"), request.request_id):
+            async for output in self._live.encode(engine_input, PoolingParams(task="embed"), request.request_id):
                 final = output
         if final is None or not final.finished:
             raise EngineRetryableError("the engine ended the embedding request without a result")
@@ -207,7 +223,7 @@ class Engine:
         (vLLM's structured-output checks name no parameter)."""
         if constraint is None:
             return
-        config = self._llm.vllm_config
+        config = self._live.vllm_config
         with engine_errors(parameter=constraint.kind):
             probe = SamplingParams(structured_outputs=structured_outputs(constraint))
             probe.verify(
@@ -222,7 +238,8 @@ class Engine:
         request instead (EngineRequestError when it can never fit, EngineCapacityError when the
         ring is full of items in flight) and undo the holds taken on its other items.
         """
-        cache = self._llm.renderer.mm_processor_cache
+        cache = self._live.renderer.mm_processor_cache
+        assert cache is not None  # vLLM's renderer has its shm sender cache whenever we publish (shares_mm_by_shm)
         slots = [(modality, i, h) for modality, hs in hashes.items() for i, h in enumerate(hs)]
         sizes = [_item_nbytes(items[m][i]) for m, i, h in slots if not cache.is_cached_item(h)]
         if sizes and (max(sizes) > self._shm_item_bytes or sum(sizes) > self._shm_bytes):  # can never fit
@@ -232,7 +249,7 @@ class Engine:
                 "per item "
                 "(--mm-shm-cache-max-object-size-mb)"
             )
-        held = []  # each item written or found takes a writer hold, released as the ranks read it
+        held: list[int] = []  # each item written or found takes a writer hold, released as the ranks read it
         for modality, i, h in slots:
             items[modality][i], _ = cache.get_and_update_item((items[modality][i], []), h)
             if not cache.is_cached_item(h):  # the ring is full of items the ranks have not read yet
@@ -242,7 +259,7 @@ class Engine:
                     "full of items in flight; retry shortly"
                 )
             held.append(hold_id(items[modality][i]))
-        self._llm.renderer.update_mm_cache_stats()
+        self._live.renderer.update_mm_cache_stats()
         self.stats.mm_items_published += len(sizes)
         self.stats.mm_items_reused += len(slots) - len(sizes)
 
@@ -250,13 +267,13 @@ class Engine:
         """Start vLLM's profiler (as configured by --profiler-config) on every rank."""
         self._require_profiler()
         with engine_errors():
-            await self._llm.start_profile(delay_iterations=start_step, max_iterations=num_steps)
+            await self._live.start_profile(delay_iterations=start_step, max_iterations=num_steps)
 
     async def stop_profile(self) -> None:
         """Stop the profiler and write its traces (under the configured directory)."""
         self._require_profiler()
         with engine_errors():
-            await self._llm.stop_profile()
+            await self._live.stop_profile()
 
     def _require_profiler(self) -> None:
         if not self.info.profiler:
@@ -269,7 +286,7 @@ class Engine:
         """Start relaying the engine's KV events (with --kv-events-config; call on the serving event loop)."""
         if self.info.kv_events and self._kv_relay is None:
             with engine_errors():
-                self._kv_relay = KvEventRelay(self._llm.get_kv_event_sources())
+                self._kv_relay = KvEventRelay(self._live.get_kv_event_sources())
 
     def kv_events(self, start: int) -> AsyncGenerator[KvBatch, None]:
         """The engine's KV-cache events after `start` (0: from now on), every data-parallel rank's."""
@@ -279,21 +296,21 @@ class Engine:
 
     async def abort(self, request_ids: Sequence[str]) -> None:
         with engine_errors():
-            await self._llm.abort(list(request_ids))
+            await self._live.abort(list(request_ids))
 
     async def reset_prefix_cache(self) -> bool:
         with engine_errors():
-            return await self._llm.reset_prefix_cache()
+            return await self._live.reset_prefix_cache()
 
     async def reset_prefix_cache_by_rank(self) -> list[bool]:
         """Each data-parallel rank's own result, in rank order. vLLM's reset_prefix_cache asks every rank
         the same way and answers their AND; this keeps which rank still holds blocks."""
         with engine_errors():  # private to AsyncLLM (vLLM 0.32): pinned by tests/test_vllm_private.py
-            return list(await self._llm.engine_core.call_utility_all_async("reset_prefix_cache", False, False))
+            return list(await self._live.engine_core.call_utility_all_async("reset_prefix_cache", False, False))
 
     def num_unfinished_requests(self) -> int:
         """Requests the engine's front end still tracks (0 once everything ended or aborted)."""
-        return self._llm.get_num_unfinished_requests()
+        return self._live.get_num_unfinished_requests()
 
     @property
     def is_healthy(self) -> bool:
@@ -301,7 +318,7 @@ class Engine:
 
     async def check_health(self) -> None:
         with engine_errors(fatal=True):  # any failure here means the engine core is gone
-            await self._llm.check_health()
+            await self._live.check_health()
 
     def shutdown(self) -> None:
         """Stop the engine core processes. Idempotent."""

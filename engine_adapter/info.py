@@ -1,7 +1,9 @@
 """Read what the servicer must know about the model from vLLM's resolved config."""
 
 import logging
+from typing import cast
 
+import torch
 from vllm.config import VllmConfig, set_current_vllm_config
 from vllm.model_executor.layers.fusion.mm_input_norm import FusedMMInputNorm, build_mm_input_norm
 from vllm.multimodal import MULTIMODAL_REGISTRY
@@ -76,7 +78,9 @@ def model_info(config: VllmConfig, tokenizer, log_requests: bool = False) -> Mod
     eos = _token_ids(getattr(text, "eos_token_id", None) or getattr(hf, "eos_token_id", None))
     return ModelInfo(
         model_path=model.model,
-        served_model_name=model.served_model_name or model.model,
+        # vLLM annotates these fields with what the user may pass; ModelConfig.__post_init__ resolves the name
+        # to a str (the first of a list) and the dtype to a torch.dtype.
+        served_model_name=cast(str, model.served_model_name) or model.model,
         runner=model.runner_type,
         model_type=hf.model_type,
         architectures=tuple(model.architectures),
@@ -95,7 +99,7 @@ def model_info(config: VllmConfig, tokenizer, log_requests: bool = False) -> Mod
         supports_vision=family is not None,
         mm_item_limits=limits,
         device_normalizes_pixels=bool(mm is not None and mm.mm_device_do_normalize),
-        dtype=model.dtype,
+        dtype=cast(torch.dtype, model.dtype),
         kv_cache_dtype=str(config.cache_config.cache_dtype),
         block_size=config.cache_config.block_size or 0,
         max_num_seqs=config.scheduler_config.max_num_seqs,
@@ -136,14 +140,15 @@ def pixel_norm(config: VllmConfig) -> PixelNorm | None:
     applies (build_mm_input_norm, which reads the current config); otherwise the image processor's that
     vLLM would run on the host (its do_rescale/do_normalize then say what it does)."""
     model = config.model_config
-    if not model.is_multimodal_model:
+    if model.multimodal_config is None:  # what vLLM's is_multimodal_model tests
         return None
     if model.multimodal_config.mm_device_do_normalize:
         with set_current_vllm_config(config):
             norm = build_mm_input_norm(model)
         if not isinstance(norm, FusedMMInputNorm):  # the identity: the tower only casts
             return PixelNorm((0.0,) * 3, (1.0,) * 3, 1.0)
-        return PixelNorm.from_affine(tuple(norm.weight.tolist()), tuple(norm.bias.tolist()))
+        weight, bias = norm.get_buffer("weight"), norm.get_buffer("bias")
+        return PixelNorm.from_affine(tuple(weight.tolist()), tuple(bias.tolist()))
     processor = cached_image_processor_from_config(model)
     rescale = float(processor.rescale_factor) if processor.do_rescale else 1.0
     if not processor.do_normalize:

@@ -12,11 +12,12 @@ import asyncio
 import collections
 import logging
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Mapping
 
 import msgspec
 import zmq
 import zmq.asyncio
+from vllm.config.kv_events import KVEventsConfig
 from vllm.distributed.kv_events import ZmqEventPublisher
 
 from engine_adapter.errors import EngineCursorError
@@ -38,6 +39,17 @@ def _int64(block_hash) -> int | None:
     return value - (1 << 64) if value >= 1 << 63 else value
 
 
+def _int64s(block_hashes) -> tuple[int, ...] | None:
+    """Every hash as int64, or None when any of them cannot be read."""
+    hashes = []
+    for block_hash in block_hashes or ():
+        value = _int64(block_hash)
+        if value is None:
+            return None
+        hashes.append(value)
+    return tuple(hashes)
+
+
 def _extra_key(key):
     """One published extra key: text (LoRA name, cache salt), bytes (a digest), a number, or an image's
     (identifier, offset in the block)."""
@@ -47,9 +59,9 @@ def _extra_key(key):
 
 
 def _stored(event: dict) -> KvStored | None:
-    hashes = [_int64(h) for h in event.get("block_hashes") or ()]
+    hashes = _int64s(event.get("block_hashes"))
     tokens, size = list(event.get("token_ids") or ()), event.get("block_size") or 0
-    if not hashes or None in hashes or size <= 0 or len(hashes) * size != len(tokens):
+    if not hashes or size <= 0 or len(hashes) * size != len(tokens):
         return None  # hybrid models' masked blocks leave tokens without hashes: not a prefix the router can use
     extra = event.get("extra_keys") or [None] * len(hashes)
     blocks = tuple(
@@ -79,7 +91,7 @@ def decode_batch(seq: int, payload: bytes, rank: int) -> KvBatch:
     except (msgspec.DecodeError, ValueError, TypeError):
         logger.warning("KV events: rank %d batch %d does not decode; relayed empty", rank, seq)
         return KvBatch(seq, time.time(), rank, ())
-    events = []
+    events: list[KvStored | KvRemoved | KvCleared] = []
     for event in raw_events or ():
         kind = event.get("type") if isinstance(event, dict) else None
         if kind == "BlockStored":
@@ -87,8 +99,8 @@ def decode_batch(seq: int, payload: bytes, rank: int) -> KvBatch:
             if stored is not None:
                 events.append(stored)
         elif kind == "BlockRemoved":
-            hashes = tuple(_int64(h) for h in event.get("block_hashes") or ())
-            if hashes and None not in hashes:
+            hashes = _int64s(event.get("block_hashes"))
+            if hashes:
                 events.append(KvRemoved(hashes, event.get("medium"), event.get("group_idx")))
         elif kind == "AllBlocksCleared":
             events.append(KvCleared())
@@ -98,10 +110,11 @@ def decode_batch(seq: int, payload: bytes, rank: int) -> KvBatch:
 class KvEventRelay:
     """Every rank's events from the engine's start, a bounded history of them, and a fan-out to subscribers."""
 
-    def __init__(self, sources: dict[int, object], history: int = 10_000):
+    def __init__(self, sources: Mapping[int, KVEventsConfig], history: int = 10_000):
         """`sources`: rank -> vLLM's resolved KVEventsConfig for that rank (AsyncLLM.get_kv_event_sources)."""
         self._ctx = zmq.asyncio.Context.instance()
         self._history: collections.deque[KvBatch] = collections.deque(maxlen=history)
+        self._queue_size = history  # a subscriber falling further behind than the history is dropped
         self._last: dict[int, int] = {}
         self._subscribers: set[asyncio.Queue] = set()
         self._lagging: set[asyncio.Queue] = set()  # dropped for not keeping up
@@ -123,7 +136,7 @@ class KvEventRelay:
             self._sockets.append(sub)
             self._tasks.append(asyncio.create_task(self._read(rank, sub, config, joined), name=f"kv-events-{rank}"))
 
-    async def _read(self, rank: int, sub, config, joined=None) -> None:
+    async def _read(self, rank: int, sub, config: KVEventsConfig, joined=None) -> None:
         """Relay one rank for the server's life; a failure is logged and the rank resumes after a second."""
         if joined is not None:  # a bound relay: let the publisher's reconnect land before reading its replay
             try:
@@ -214,7 +227,7 @@ class KvEventRelay:
 
     async def _stream(self, start: int) -> AsyncGenerator[KvBatch, None]:
         # Joins the fan-out at the first read, so a stream never read holds no queue.
-        queue: asyncio.Queue = asyncio.Queue(maxsize=self._history.maxlen)
+        queue: asyncio.Queue = asyncio.Queue(maxsize=self._queue_size)
         backlog = [b for b in self._history if b.rank != 0 or b.sequence > start] if start else []
         self._subscribers.add(queue)
         try:

@@ -12,6 +12,7 @@ from transformers import BatchFeature
 from vllm.inputs import mm_input, tokens_input
 from vllm.multimodal.inputs import MultiModalKwargsItems, PlaceholderRange
 
+from engine_adapter.errors import EngineRequestError
 from engine_adapter.families import Family, family_for
 from engine_adapter.types import EngineRequest, MediaItem
 
@@ -42,6 +43,8 @@ def build_engine_input(request: EngineRequest, mm_processor, publish=None, famil
     if family is None:
         hf = mm_processor.info.get_hf_config()
         family = family_for(hf.architectures or (), hf.model_type)
+        if family is None:  # the servicer refuses such media first (ModelInfo.supports_vision)
+            raise EngineRequestError(f"mm_inputs: model type {hf.model_type} takes no images or videos")
     kwargs, hashes, placeholders = {}, {}, {}
     for modality in dict.fromkeys(m.modality for m in request.media):
         media = [m for m in request.media if m.modality == modality]

@@ -1,6 +1,7 @@
 """SamplingOptions -> vllm.SamplingParams, field by field by name (types.SamplingOptions is the list)."""
 
 import dataclasses
+from typing import Any
 
 from vllm import SamplingParams
 from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
@@ -22,7 +23,8 @@ SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingOptions) if f
 def structured_outputs(constraint: Constraint | None) -> StructuredOutputsParams | None:
     if constraint is None:
         return None
-    value = list(constraint.value) if isinstance(constraint.value, tuple) else constraint.value
+    # The keyword is picked at run time, so its value's type (which follows from the kind) cannot be checked here.
+    value: Any = list(constraint.value) if isinstance(constraint.value, tuple) else constraint.value
     return StructuredOutputsParams(**{_STRUCTURED[constraint.kind]: value})
 
 

@@ -2,7 +2,7 @@
 
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Literal, Protocol
 
 import torch
 
@@ -253,15 +253,19 @@ class EngineStats:
         return self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
 
 
-PAUSE_MODES = ("abort", "wait", "keep")  # vLLM's PauseMode: end in-flight requests, let them finish, freeze them
+PauseMode = Literal["abort", "wait", "keep"]  # vLLM's: end in-flight requests, let them finish, freeze them
+PAUSE_MODES: tuple[PauseMode, ...] = ("abort", "wait", "keep")
 
 
 class EngineControlClient(Protocol):
     """RL control of the engine (engine_adapter.control.EngineControl is the vLLM one)."""
 
-    checkpoint: str  # the folder the running weights were last loaded from
-    sleep_mode: bool  # --enable-sleep-mode: sleep levels 1 and 2 are available
-    weight_transfer: bool  # --weight-transfer-config: NCCL weight transfer is available
+    @property
+    def checkpoint(self) -> str: ...  # the folder the running weights were last loaded from
+    @property
+    def sleep_mode(self) -> bool: ...  # --enable-sleep-mode: sleep levels 1 and 2 are available
+    @property
+    def weight_transfer(self) -> bool: ...  # --weight-transfer-config: NCCL weight transfer is available
 
     async def pause(self, mode: str = "abort", clear_cache: bool = False) -> None: ...
     async def resume(self) -> None: ...
@@ -287,17 +291,26 @@ class EngineControlClient(Protocol):
 
 
 class EngineClient(Protocol):
-    """What the servicer needs from an engine (engine_adapter.engine.Engine is the vLLM one)."""
+    """What the servicer needs from an engine (engine_adapter.engine.Engine is the vLLM one).
 
-    info: ModelInfo
-    control: EngineControlClient
-    stats: EngineStats
-    version: str
-    ordinary_token_ids: tuple[int, ...]  # stand-ins for image pad values
-    prepare_pixels: Callable[[torch.Tensor], torch.Tensor]  # pixels as the vision tower takes them (blocking)
-    stamp_ids: Callable[[float], Sequence[int]]  # a video frame's timestamp as token ids (Family.stamp_text)
-    traces: bool  # vLLM exports request traces (--otlp-traces-endpoint)
+    Its data members are read-only here (properties), so an engine may hold narrower types (Engine's
+    `control` is an EngineControl)."""
 
+    @property
+    def info(self) -> ModelInfo: ...
+    @property
+    def control(self) -> EngineControlClient: ...
+    @property
+    def stats(self) -> EngineStats: ...
+    @property
+    def version(self) -> str: ...
+    @property
+    def ordinary_token_ids(self) -> tuple[int, ...]: ...  # stand-ins for image pad values
+    @property
+    def traces(self) -> bool: ...  # vLLM exports request traces (--otlp-traces-endpoint)
+
+    def prepare_pixels(self, pixels: torch.Tensor) -> torch.Tensor: ...  # as the vision tower takes them (blocking)
+    def stamp_ids(self, seconds: float) -> Sequence[int]: ...  # a video frame's timestamp as token ids
     # `on_admitted` is called once the request is handed to vLLM (our preparation done).
     def generate(
         self, request: EngineRequest, on_admitted: Callable[[], None] | None = None

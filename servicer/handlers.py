@@ -197,6 +197,7 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
                         state.first_response = state.first_response or time.monotonic()
                         yield _with_identity(response, identity)
                 else:
+                    assert accumulated is not None  # one of the two, by request.stream
                     accumulated.add(step)
             if accumulated is not None:
                 for response in accumulated.completes():

@@ -16,7 +16,7 @@ first batch, so an engine that has never published is still heard from.
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
 from vlm_proto import common_pb2 as pb
 
@@ -86,7 +86,7 @@ class LoadRecords:
 
 async def with_load_records(
     batches: AsyncIterator[pb.KvEventBatch], records: LoadRecords
-) -> AsyncIterator[pb.KvEventBatch]:
+) -> AsyncGenerator[pb.KvEventBatch, None]:
     """The event batches, each with its record, and load_only batches while none comes."""
     pending: asyncio.Future | None = None
     try:

@@ -11,8 +11,10 @@ Blocking work (decode, hash, cast): run it off the event loop.
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
+from engine_adapter.families import Family
 from engine_adapter.types import MediaItem, ModelInfo
 from servicer.errors import FailedPrecondition, InvalidArgument
 from servicer.identity import image_identity, pad_values
@@ -121,7 +123,7 @@ class ImagePolicy:
 
     trust_gateway_hashes: bool  # --mm-hash-policy trust
     pad_values: bool  # --mm-pad-values
-    pad_candidates: Sequence[int]  # ordinary in-vocabulary token ids (an array: pad values index it)
+    pad_candidates: Sequence[int] | np.ndarray  # ordinary in-vocabulary token ids (an array: pad values index it)
     store: ImageStore
     consumed: ConsumedSegments  # shm segments already read, for gateway retries
     unlink_shm: bool = True  # --no-mm-shm-keep
@@ -167,7 +169,8 @@ def _resolve(
 
     On a decode leg whose prompt KV comes from a prefill worker, a reference this servicer
     does not hold stays None: the engine only needs its grid (positions) and identity."""
-    out, missing = [], []
+    out: list[torch.Tensor | None] = []
+    missing: list[str] = []
     for i, (ident, px, thw) in enumerate(zip(identities, ready, grids)):
         if px is not None:
             store.put(ident, StoredImage(px, thw), copy=store_copies)
@@ -194,26 +197,35 @@ def _resolve(
     return out
 
 
-def _pixels(mm: pb.MultimodalInputs, where: str, policy: ImagePolicy) -> tuple[torch.Tensor | None, SegmentGone | None]:
-    """The batch's pixel rows; None when there are none, or (with the error) when they came
-    in a segment we already consumed, whose items may still be in the store."""
+def _pixels(
+    mm: pb.MultimodalInputs, where: str, policy: ImagePolicy
+) -> tuple[torch.Tensor | None, SegmentGone | None, tuple[str, ...]]:
+    """The batch's pixel rows; None when there are none, or (with the error and the identities the segment
+    carried) when they came in a segment we already consumed, whose items may still be in the store."""
     if not mm.HasField("pixel_values"):
-        return None, None
+        return None, None, ()
     try:
-        return decode_tensor(f"{where}.pixel_values", mm.pixel_values, policy.unlink_shm), None
+        return decode_tensor(f"{where}.pixel_values", mm.pixel_values, policy.unlink_shm), None, ()
     except SegmentGone as gone:
-        if policy.consumed.identities(gone.name) is None:
+        remembered = policy.consumed.identities(gone.name)
+        if remembered is None:
             raise
-        return None, gone
+        return None, gone, remembered
 
 
 def _split(
-    pixels, sent_rows: list[int], patch_dim: int, kind: Modality, where: str, prepare_pixels
-) -> tuple[list, list, bool]:
+    pixels: torch.Tensor | None,
+    sent_rows: list[int],
+    patch_dim: int,
+    kind: Modality,
+    where: str,
+    prepare_pixels: Callable[[torch.Tensor], torch.Tensor],
+) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None], bool]:
     """Per item: the rows as sent (for hashing) and engine-ready (one cast for the batch); None where not sent.
     And whether the engine-ready rows still view the payload (no cast was needed)."""
     count = len(sent_rows)
-    raw, ready = [None] * count, [None] * count
+    raw: list[torch.Tensor | None] = [None] * count
+    ready: list[torch.Tensor | None] = [None] * count
     if pixels is None:
         return raw, ready, False
     if pixels.dim() != 2 or pixels.shape[0] != sum(sent_rows) or pixels.shape[1] != patch_dim:
@@ -228,11 +240,12 @@ def _split(
     return raw, ready, prepared.untyped_storage().data_ptr() == pixels.untyped_storage().data_ptr()
 
 
-def _retried_identities(mm: pb.MultimodalInputs, where: str, sent_rows: list[int], policy: ImagePolicy) -> list[str]:
-    """The identities a consumed segment carried, placed on the items that had rows in it."""
+def _retried_identities(
+    mm: pb.MultimodalInputs, where: str, sent_rows: list[int], remembered: tuple[str, ...]
+) -> list[str]:
+    """The identities a consumed segment carried (`remembered`), placed on the items that had rows in it."""
     name = mm.pixel_values.shm.name
     carried = [i for i, n in enumerate(sent_rows) if n]
-    remembered = policy.consumed.identities(name)
     if len(remembered) != len(carried):
         raise InvalidArgument(
             f"{where}.pixel_values.shm: segment {name!r} carried {len(remembered)} items, not {len(carried)}"
@@ -256,6 +269,7 @@ def _frames(
     seconds: float | None,
     merge: int,
     pad_id: int,
+    family: Family,
     info: ModelInfo,
     where: str,
     stamp_ids: Callable[[float], Sequence[int]],
@@ -267,9 +281,10 @@ def _frames(
             f"{where}.model_specific_tensors: a video sent as one placeholder needs 'video_second_per_grid' "
             "(or 'second_per_grid_ts') for its frame timestamps, or send its expanded layout with mm_placeholders"
         )
-    return info.family.video_tokens(
-        grid, merge, seconds, pad_id, info.vision_start_token_id, info.vision_end_token_id, stamp_ids
-    )
+    start, end = info.vision_start_token_id, info.vision_end_token_id
+    if start is None or end is None:  # the checkpoint's config names no frame markers
+        raise InvalidArgument(f"{where}: model {info.served_model_name} has no vision start and end tokens for frames")
+    return family.video_tokens(grid, merge, seconds, pad_id, start, end, stamp_ids)
 
 
 def decode_media(
@@ -299,7 +314,8 @@ def decode_media(
             f"{where}.encoder_input_key: '{mm.encoder_input_key}' is not supported ({' or '.join(kind.pixel_keys)})"
         )
     pad_id = mm.im_token_id if mm.HasField("im_token_id") else getattr(info, f"{kind.name}_token_id")
-    if pad_id is None:
+    family = info.family
+    if pad_id is None or family is None:
         raise InvalidArgument(f"{where}: model {info.served_model_name} takes no {kind.name}s")
     grid = _grid(mm, kind, where, policy.unlink_shm)
     count = grid.shape[0]
@@ -314,22 +330,24 @@ def decode_media(
     if mm.mm_hashes and len(mm.mm_hashes) != count:
         raise InvalidArgument(f"{where}.mm_hashes: {len(mm.mm_hashes)} hashes for {count} {kind.name}s")
     seconds = _seconds_per_grid(mm, kind, where, count, policy.unlink_shm)
-    pixels, gone = _pixels(mm, where, policy)
+    pixels, gone, remembered = _pixels(mm, where, policy)
     raw, ready, views_payload = _split(pixels, sent_rows, info.patch_dim, kind, where, prepare_pixels)
     merge = info.spatial_merge_size
     grids = [tuple(thw) for thw in grid.tolist()]
-    frames = kind is VIDEO and info.family.video_frames
+    frames = kind is VIDEO and family.video_frames
     placements, inserts = place_items(
         prompt_ids,
         pad_id,
-        [info.family.embeddings(g, merge) for g in grids],
+        [family.embeddings(g, merge) for g in grids],
         [(p.offset, p.length) for p in mm.mm_placeholders],
         narrow=not frames,
         what=kind.name,
-        layout=(lambda i: _frames(grids[i], seconds[i], merge, pad_id, info, where, stamp_ids)) if frames else None,
+        layout=(lambda i: _frames(grids[i], seconds[i], merge, pad_id, family, info, where, stamp_ids))
+        if frames
+        else None,
     )
     if gone is not None:  # a retry naming a segment we consumed: its items become references
-        mm = _with_hashes(mm, _retried_identities(mm, where, sent_rows, policy))
+        mm = _with_hashes(mm, _retried_identities(mm, where, sent_rows, remembered))
     identities = _identities(mm, kind, where, raw, grids, seconds, policy.trust_gateway_hashes)
     if pixels is not None and mm.pixel_values.WhichOneof("payload") == "shm":
         policy.consumed.remember(mm.pixel_values.shm.name, tuple(identities[i] for i, n in enumerate(sent_rows) if n))
@@ -367,9 +385,11 @@ def engine_prompt_ids(ids: list[int], media: list[MediaItem], policy: ImagePolic
     by its video pad tokens, so those stay (the identity still keys the engine's caches)."""
     if not policy.pad_values or not media:
         return ids
+    family = info.family
+    assert family is not None  # decode_media refuses media for a model without a family
     out = list(ids)
     for item in media:
-        if item.modality == "video" and info.family.video_frames:
+        if item.modality == "video" and family.video_frames:
             continue
         if item.is_embed is None:
             out[item.offset : item.offset + item.length] = pad_values(item.identity, item.length, policy.pad_candidates)

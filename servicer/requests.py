@@ -258,7 +258,8 @@ class RequestDecoder:
         batches = _batches(request)
         if batches and not self.info.supports_vision:
             raise InvalidArgument(f"mm_inputs: model {self.info.served_model_name} takes no images or videos")
-        media, inserts = [], []
+        media: list[MediaItem] = []
+        inserts: list[tuple[int, tuple[int, ...]]] = []
         for where, mm in batches:  # every batch placed on the ids as sent, then all expanded at once
             items, added = decode_media(
                 mm, where, ids, self.info, self.prepare_pixels, self.images, self.stamp_ids, kv_from_prefill

@@ -19,10 +19,16 @@ def output_logprobs(entries: Sequence[TokenLogprob] | None) -> pb.OutputLogProbs
     if entries is None:
         return None
     return pb.OutputLogProbs(
-        token_logprobs=[e.logprob for e in entries],
+        token_logprobs=[_sampled_logprob(e) for e in entries],
         token_ids=[e.token_id for e in entries],
         top_logprobs=[pb.TopLogProbs(values=e.top.logprobs, token_ids=e.top.token_ids) for e in entries if e.top],
     )
+
+
+def _sampled_logprob(entry: TokenLogprob) -> float:
+    # vLLM returns every sampled token's own logprob; only a prompt's first token goes without one.
+    assert entry.logprob is not None
+    return entry.logprob
 
 
 def input_logprobs(entries: Sequence[TokenLogprob] | None, prompt_ids: Sequence[int]) -> pb.InputLogProbs | None:
@@ -129,6 +135,7 @@ class Accumulator:
         step = self._last_step
         for index in sorted(self._samples):
             sample = self._samples[index]
+            assert step is not None and sample.last is not None  # add() sets both for every sample it makes
             yield _complete(
                 sample.token_ids,
                 step,

@@ -104,6 +104,7 @@ class Server:
         self.engine.start_kv_events()
         await self.grpc.start()
         if self.control is not None:
+            assert self.config.control_port is not None  # the endpoint is built only when a port is set
             self.control_port = await self.control.start(
                 self.config.control_host, self.config.control_port, control_ssl_context(self.config)
             )

@@ -70,6 +70,7 @@ def decode_tensor(field: str, tensor: pb.TensorData, unlink_shm: bool = True) ->
         raise InvalidArgument(f"{field}.shape: must have at least one dimension")
     payload = tensor.WhichOneof("payload")
     expected = payload_nbytes(tensor)
+    data: bytes | memoryview
     if payload == "inline":
         data = tensor.inline
         if len(data) != expected:

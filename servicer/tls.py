@@ -36,7 +36,7 @@ class _Material:
 def _stamp(files: TlsFiles) -> tuple:
     """What identifies the files' current contents cheaply. stat() follows symlinks, so a Kubernetes
     Secret update (its `..data` link swapped to a new folder) changes the inode."""
-    stamp = []
+    stamp: list[tuple[int, int, int, int] | None] = []  # None: the file cannot be read now
     for path in (files.cert_file, files.key_file, files.client_ca_file):
         if path:
             try:

@@ -107,7 +107,8 @@ class Family:
         return self.frame_stamp is not None
 
     def stamp_text(self, seconds: float) -> str:
-        """A frame's timestamp, as the family's processor writes it."""
+        """A frame's timestamp, as the family's processor writes it (a family with video_frames only)."""
+        assert self.frame_stamp is not None, f"{self.name} stamps no video frames"
         return self.frame_stamp.format(seconds)
 
     def video_tokens(
