@@ -327,8 +327,9 @@ class Engine:
             self._kv_relay = None
         if self._llm is not None:
             self._llm.shutdown()
-            # Drop the last reference now: AsyncLLM.__del__ shuts down again, which fails
+            # Drop the last references now: AsyncLLM.__del__ shuts down again, which fails
             # if it only runs at interpreter exit, after vLLM's modules are torn down.
+            self.control.detach()
             self._llm = None
 
 
