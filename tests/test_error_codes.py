@@ -65,7 +65,7 @@ def _retry_hint(err: grpc.aio.AioRpcError) -> int | None:
 async def _running(engine, stub, *requests: pb.GenerateRequest):
     """Requests in the engine: the first generating, the others (--max-num-seqs 1) waiting in vLLM's queue.
     On exit each is cancelled once it runs: one cancelled while it waits would pin its images in vLLM's ring
-    (README, "Not yet here")."""
+    (docs/multimodal.md, "Not yet here")."""
     calls = [stub.Generate(requests[0])]
     await calls[0].read()
     for r in requests[1:]:
