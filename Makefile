@@ -42,7 +42,7 @@ shifted-model: setup
 	$(PY) -m tinyvlm.finetune --src $(MODEL) --out models/tiny-qwen2-vl-shapes-shifted --steps 150
 
 # Retrain the committed checkpoint (15–30 minutes on 2 CPU cores); writes train_log.jsonl and metrics.json;
-# fails if a held-out question stays under 90%: not every run learns colour (README, "The tiny model").
+# fails if a held-out question stays under 90%: not every run learns colour (docs/tiny-model.md).
 shapes-model: setup
 	$(PY) -m tinyvlm.train --out models/tiny-qwen2-vl-shapes
 

@@ -35,7 +35,7 @@ QUESTIONS: dict[str, str] = {
     "shape": "What shape is it?",
 }
 # Colour and shape are asked equally often. Asked a quarter of the time, colour was sometimes never learned in
-# stage 2, or only after ~1,300 steps (README, "The tiny model").
+# stage 2, or only after ~1,300 steps (docs/tiny-model.md).
 QUESTION_WEIGHTS = {"colour": 1.0, "shape": 1.0}
 # Filler prose that may sit between the image and the question (a fifth of training
 # batches carry 1-8 sentences of it, up to ~180 tokens), so the model reads past text to the question and a

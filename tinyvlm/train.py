@@ -383,7 +383,7 @@ def train(out: pathlib.Path, steps: int, seed: int, batch_size: int, lr: float, 
     def items():
         form_rng = random.Random(seed + 1)  # its own stream: the images do not depend on the forms
         # Easy images first here too: on grey, the image tokens' mean carries the shape's colour cleanly. Not shown
-        # to make colour learning reliable (README, "The tiny model"); check metrics.json after a rerun.
+        # to make colour learning reliable (docs/tiny-model.md); check metrics.json after a rerun.
         for qa in batches(seed, batch_size, easy_share=curriculum(steps)):
             forms = [(form_rng.choices(FORMS, weights=FORM_WEIGHTS)[0], kind) for _, kind, _, _ in qa]
             batch = encoder.batch([(s.image, question, answer) for s, _, question, answer in qa], forms, fast=True)
