@@ -262,8 +262,7 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
         "--control-port",
         type=int,
         default=d.control_port,
-        help="serve the RL control endpoint (HTTP: pause, refit, resume; README, RL section) on this "
-        "port; off by default",
+        help="serve the RL control endpoint (HTTP: pause, refit, resume; docs/rl.md) on this port; off by default",
     )
     parser.add_argument(
         "--control-host", default=d.control_host, help="address of the control endpoint; off loopback it requires a key"

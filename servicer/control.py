@@ -152,7 +152,7 @@ class ControlEndpoint:
                 raise
             message = f"{request.method} {request.path}: {exc.reason}"
             if exc.status == 404:
-                message += " (the routes are listed in the README's RL section)"
+                message += " (the routes are listed in docs/rl.md)"
             return web.json_response(
                 {"success": False, "error": exc.reason.lower().replace(" ", "_"), "message": message}, status=exc.status
             )
