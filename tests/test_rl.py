@@ -422,3 +422,11 @@ async def test_a_refit_while_another_runs_is_refused(rl, shapes_oracle):
     status, body = await first
     assert status == 200, body
     assert (await stub.GetServerInfo(pb.GetServerInfoRequest())).checkpoint_path == str(SHAPES_MODEL)
+
+
+async def test_collective_rpc_runs_only_where_the_operator_allowed_it(shapes_engine):
+    async with extra_server(shapes_engine, SHAPES_MODEL, control_port=0, control_api_key=KEY,
+                            control_allow_collective_rpc=True) as (server, stub):
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{server.control_port}") as http:
+            status, body = await Control(http).call("POST", "/collective_rpc", {"method": "reset_encoder_cache"})
+    assert status == 200 and body == {"success": True, "results": [None]}, body
