@@ -1,9 +1,9 @@
 """The VllmEngine RPCs. Thin: validation lives in requests.py, the engine behind engine_adapter.
 
-Every RPC goes through `_guard` (`_guard_stream`) and `_fail`, the single place an exception becomes a
-gRPC status (via errors.status_for). Cancellation is handled once, in Generate:
-a client that cancels or disconnects cancels the handler task, which closes the
-engine stream, which aborts the request in the engine.
+Every RPC goes through `guard` (`guard_stream`), the single place an exception becomes a gRPC status
+(servicer/guards.py); admission and per-request bookkeeping are servicer/inflight.py. Cancellation is handled
+once, in Generate: a client that cancels or disconnects cancels the handler task, which closes the engine
+stream, which aborts the request in the engine.
 """
 
 import asyncio
@@ -16,7 +16,6 @@ import logging
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import grpc
@@ -24,15 +23,10 @@ import grpc
 from engine_adapter.types import EngineClient, RankLoad
 from servicer import shm, tokenizer_bundle
 from servicer.config import ServerConfig
-from servicer.errors import (
-    FailedPrecondition,
-    InvalidArgument,
-    ResourceExhausted,
-    Unavailable,
-    Unimplemented,
-    status_for,
-)
+from servicer.errors import FailedPrecondition, InvalidArgument, Unimplemented
+from servicer.guards import guard, guard_stream
 from servicer.image_store import ImageStore
+from servicer.inflight import Admission, InFlight
 from servicer.kv_events import MediaTokens, kv_event_batch
 from servicer.load_records import LoadRecords, with_load_records
 from servicer.metrics import Metrics
@@ -40,7 +34,7 @@ from servicer.multimodal import media_identity
 from servicer.requests import RequestDecoder
 from servicer.responses import Accumulator, StreamEncoder
 from servicer.rl import RlController
-from servicer.tracing import RequestTrace, Tracing
+from servicer.tracing import Tracing
 from vlm_proto import common_pb2
 from vlm_proto import vllm_engine_pb2 as pb
 from vlm_proto import vllm_engine_pb2_grpc as pb_grpc
@@ -48,71 +42,10 @@ from vlm_proto import vllm_engine_pb2_grpc as pb_grpc
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class InFlight:
-    """Per-request state while a Generate call runs."""
-
-    request_id: str
-    started: float
-    stream: bool
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cached_tokens: int = 0
-    finish_reason: str = ""
-    code: str = "OK"  # final gRPC status, for metrics and the log line
-    first_response: float | None = None
-    trace: RequestTrace | None = None  # its spans, when the engine exports traces
-
-
-async def _fail(context: grpc.aio.ServicerContext, exc: BaseException, what: str) -> None:
-    code, message, metadata = status_for(exc)
-    if code == grpc.StatusCode.INTERNAL:
-        logger.exception("%s failed", what, exc_info=exc)
-    else:
-        logger.info("%s refused: %s %s", what, code.name, message)
-    await context.abort(code, message, trailing_metadata=metadata)
-
-
 def _with_identity(response: pb.GenerateResponse, identity: pb.MediaIdentity | None) -> pb.GenerateResponse:
     if identity is not None and response.HasField("complete"):
         response.complete.media_identity.CopyFrom(identity)
     return response
-
-
-def _guard(rpc):
-    """Map any exception a unary RPC raises to its status, through `_fail`."""
-
-    @functools.wraps(rpc)
-    async def wrapper(self, request, context):
-        try:
-            return await rpc(self, request, context)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            if isinstance(exc, grpc.aio.AbortError):
-                raise
-            await _fail(context, exc, rpc.__name__)
-
-    return wrapper
-
-
-def _guard_stream(rpc):
-    """`_guard` for a server-streaming RPC: what its generator raises becomes its status, through `_fail`."""
-
-    @functools.wraps(rpc)
-    async def wrapper(self, request, context):
-        try:
-            async with contextlib.aclosing(rpc(self, request, context)) as responses:
-                async for response in responses:
-                    yield response
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            if isinstance(exc, grpc.aio.AbortError):
-                raise
-            await _fail(context, exc, f"{rpc.__name__} {getattr(request, 'request_id', '')}".rstrip())
-
-    return wrapper
 
 
 class VllmEngineServicer(pb_grpc.VllmEngineServicer):
@@ -138,18 +71,21 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
         # The caller's ids of each image's range, for KV events (only needed where the engine ran pad values).
         self.media_tokens = media_tokens
         self._decode_pool = decode_pool
-        self.draining = False
-        self.in_flight: dict[str, InFlight] = {}
+        self.admission = Admission(metrics, config.max_concurrent_requests, engine.info.log_requests)
         self.started = time.monotonic()  # uptime: a clock that NTP steps cannot move
         self.last_receive = 0.0  # wall-clock time of the last Generate or Embed call; 0 until one arrives
         self.shm_namespace_id = shm.namespace_id()
         self._tokenizer_bundle: tokenizer_bundle.Bundle | None = None
         self.tracing = Tracing() if engine.traces else None  # None: no tracing work at all
 
+    @property
+    def in_flight(self) -> dict[str, InFlight]:
+        return self.admission.in_flight
+
     def close(self) -> None:
         self._decode_pool.shutdown(wait=False, cancel_futures=True)
 
-    @_guard_stream
+    @guard_stream
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         self.last_receive = time.time()
         request_id = request.request_id or uuid.uuid4().hex
@@ -157,7 +93,7 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
         trace = state.trace = (
             self.tracing.start(context.invocation_metadata(), request_id) if self.tracing is not None else None
         )
-        with self._tracked(state, context):
+        with self.admission.track(state, context):
             if self.engine.info.runner != "generate":
                 raise FailedPrecondition(
                     f"Generate: this engine runs vLLM's {self.engine.info.runner} runner "
@@ -204,11 +140,11 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
                     state.first_response = state.first_response or time.monotonic()
                     yield _with_identity(response, identity)
 
-    @_guard
+    @guard
     async def Embed(self, request: pb.EmbedRequest, context) -> pb.EmbedResponse:
         self.last_receive = time.time()
         state = InFlight(request.request_id or uuid.uuid4().hex, time.monotonic(), False)
-        with self._tracked(state, context):
+        with self.admission.track(state, context):
             if self.engine.info.runner != "pooling":
                 raise FailedPrecondition(
                     "Embed: this engine runs vLLM's generate runner; start it with --runner "
@@ -223,7 +159,7 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
                 embedding=embedding.values, prompt_tokens=embedding.prompt_tokens, embedding_dim=len(embedding.values)
             )
 
-    @_guard_stream
+    @guard_stream
     async def SubscribeKvEvents(self, request: common_pb2.SubscribeKvEventsRequest, context):
         """vLLM's KV-cache events as they happen (after `start_sequence_number`, from the relay's history)."""
         if not self.engine.info.kv_events:  # SMG stops subscribing on UNIMPLEMENTED; it retries anything else
@@ -275,26 +211,6 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
             )
         return record
 
-    @contextlib.contextmanager
-    def _tracked(self, state: InFlight, context: grpc.aio.ServicerContext):
-        """Admit a request, keep it in flight while it runs, then record its outcome (status, tokens, latency)."""
-        try:
-            self._admit(state.request_id)
-            self.in_flight[state.request_id] = state
-            yield
-        except asyncio.CancelledError:
-            remaining = context.time_remaining()
-            state.code = "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
-            raise
-        except Exception as exc:
-            if not isinstance(exc, grpc.aio.AbortError):
-                state.code = status_for(exc)[0].name
-            raise
-        finally:
-            if self.in_flight.get(state.request_id) is state:
-                del self.in_flight[state.request_id]
-            self._record(state)
-
     async def _decode(self, decode, request, request_id: str):
         """Validate and convert: off the event loop where tensors come (decode, hashing and casts block),
         inline for ids alone (cheaper than the thread hop)."""
@@ -320,46 +236,7 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
                 (("vlm-mm-identities", ",".join(i.identity for i in decoded.engine.media)),)
             )
 
-    def _record(self, state: InFlight) -> None:
-        """Metrics, and the one log line per request when asked for."""
-        elapsed = time.monotonic() - state.started
-        m = self.metrics
-        m.requests.labels(state.code).inc()
-        m.latency.observe(elapsed)
-        if state.first_response is not None:
-            m.ttft.observe(state.first_response - state.started)
-        m.prompt_tokens.inc(state.prompt_tokens)
-        m.completion_tokens.inc(state.completion_tokens)
-        m.cached_tokens.inc(state.cached_tokens)
-        if state.trace is not None:
-            state.trace.end(state.code, state.prompt_tokens, state.completion_tokens)
-        if not self.engine.info.log_requests:  # vLLM's --enable-log-requests (off by default, as in vLLM)
-            return
-        logger.info(
-            "request %s %s: finish=%s prompt=%d cached=%d completion=%d stream=%s ttft=%s total=%.1f ms",
-            state.request_id,
-            state.code,
-            state.finish_reason or "-",
-            state.prompt_tokens,
-            state.cached_tokens,
-            state.completion_tokens,
-            state.stream,
-            f"{(state.first_response - state.started) * 1e3:.1f} ms" if state.first_response else "-",
-            elapsed * 1e3,
-        )
-
-    def _admit(self, request_id: str) -> None:
-        if self.draining:
-            raise Unavailable("server is shutting down; retry on another worker")
-        if request_id in self.in_flight:
-            raise InvalidArgument(f"request_id: '{request_id}' is already in flight")
-        if len(self.in_flight) >= self.config.max_concurrent_requests:
-            raise ResourceExhausted(
-                f"{len(self.in_flight)} requests in flight: at the limit of --max-concurrent-requests "
-                f"{self.config.max_concurrent_requests}"
-            )
-
-    @_guard
+    @guard
     async def Abort(self, request: pb.AbortRequest, context) -> pb.AbortResponse:
         known = [rid for rid in request.request_ids if rid in self.in_flight]
         if known:
@@ -367,14 +244,14 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
         logger.info("abort requested for %s (%d in flight)", list(request.request_ids), len(known))
         return pb.AbortResponse()
 
-    @_guard
+    @guard
     async def HealthCheck(self, request, context) -> pb.HealthCheckResponse:
         if not self.engine.is_healthy:
             return pb.HealthCheckResponse(healthy=False, message="engine is not running")
         await self.engine.check_health()
         return pb.HealthCheckResponse(healthy=True, message="ok")
 
-    @_guard
+    @guard
     async def GetModelInfo(self, request, context) -> pb.GetModelInfoResponse:
         info = self.engine.info
         return pb.GetModelInfoResponse(
@@ -396,7 +273,7 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
             else "",
         )
 
-    @_guard
+    @guard
     async def GetServerInfo(self, request, context) -> pb.GetServerInfoResponse:
         info = self.engine.info
         store = self.image_store.stats()
@@ -435,7 +312,7 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
             mm_items_reused=self.engine.stats.mm_items_reused,
         )
 
-    @_guard
+    @guard
     async def GetLoads(self, request, context) -> pb.GetLoadsResponse:
         ranks = self.engine.stats.ranks
         if request.HasField("dp_rank") and request.dp_rank not in ranks:
@@ -463,7 +340,7 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
             loads=loads,
         )
 
-    @_guard_stream
+    @guard_stream
     async def GetTokenizer(self, request: common_pb2.GetTokenizerRequest, context):
         """The engine's tokenizer files, zipped (built once), in 64 KiB chunks; the digest on the last."""
         if self._tokenizer_bundle is None:
@@ -481,7 +358,7 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
         for data, digest in self._tokenizer_bundle.chunks():
             yield common_pb2.GetTokenizerChunk(data=data, sha256=digest)
 
-    @_guard
+    @guard
     async def StartProfile(self, request: common_pb2.StartProfileRequest, context) -> common_pb2.ProfileResponse:
         # The trace directory and what is recorded are the engine's launch configuration (--profiler-config).
         fixed = [name for name in ("output_dir", "with_stack", "record_shapes") if request.HasField(name)]
@@ -497,12 +374,12 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
         )
         return common_pb2.ProfileResponse(success=True, message="profiling started")
 
-    @_guard
+    @guard
     async def StopProfile(self, request: common_pb2.StopProfileRequest, context) -> common_pb2.ProfileResponse:
         await self.engine.stop_profile()
         return common_pb2.ProfileResponse(success=True, message="profiling stopped; traces written")
 
-    @_guard
+    @guard
     async def FlushCache(self, request: common_pb2.FlushCacheRequest, context) -> common_pb2.FlushCacheResponse:
         """Every data-parallel rank's prefix cache, retried within `timeout_s` while requests hold blocks;
         the message names the ranks that could not be flushed."""

@@ -171,7 +171,7 @@ class Server:
         """
         await self._set_serving(health_pb2.HealthCheckResponse.NOT_SERVING)
         await stop_registration(self._registering)
-        self.servicer.draining = True
+        self.servicer.admission.draining = True
         deadline = time.monotonic() + self.config.drain_timeout_s
         logger.info(
             "draining %d in-flight requests (up to %.0f s)", len(self.servicer.in_flight), self.config.drain_timeout_s
