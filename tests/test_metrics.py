@@ -63,7 +63,7 @@ async def test_request_log_line_follows_vllms_flag(stub, shapes_stub, engine, sh
     assert not engine.info.log_requests and shapes_engine.info.log_requests
     for name, target, chat, expected in (("off", stub, oracle, 0), ("on", shapes_stub, shapes_oracle, 1)):
         caplog.clear()
-        with caplog.at_level(logging.INFO, logger="servicer.handlers"):
+        with caplog.at_level(logging.INFO, logger="servicer.inflight"):
             _ = [r async for r in target.Generate(request(chat.chat_ids("Name a colour."), temperature=0.0, max_tokens=2,
                                                           ignore_eos=True, request_id=f"log-{name}"))]
         lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"request log-{name} ")]
