@@ -39,12 +39,12 @@ model: setup
 # The committed "after one training step" checkpoint for RL refits (tests, examples/rl_loop.py): 150 optimizer
 # steps from the trained default towards shifted answers (about a minute on 2 CPU cores).
 shifted-model: setup
-	$(PY) -m tinyvlm.finetune --src $(MODEL) --out models/tiny-qwen2-vl-shapes-shifted --steps 150
+	$(PY) -m tinytrain.finetune --src $(MODEL) --out models/tiny-qwen2-vl-shapes-shifted --steps 150
 
 # Retrain the committed checkpoint (15–30 minutes on 2 CPU cores); writes train_log.jsonl and metrics.json;
 # fails if a held-out question stays under 90%: not every run learns colour (docs/tiny-model.md).
 shapes-model: setup
-	$(PY) -m tinyvlm.train --out models/tiny-qwen2-vl-shapes
+	$(PY) -m tinytrain.train --out models/tiny-qwen2-vl-shapes
 
 serve: setup
 	GLIBC_TUNABLES=$(GLIBC_TUNABLES) $(VENV)/bin/vlm-servicer serve --model $(MODEL) --host $(HOST) --port $(PORT) $(ENGINE_ARGS) $(ARGS)

@@ -22,7 +22,7 @@ from transformers import AutoProcessor
 
 from harness.processes import SHAPES_MODEL, ServicerProcess, free_port, http_json
 from harness.prompts import shapes_question
-from tinyvlm import data
+from tinytrain import data
 from vlm_proto import vllm_engine_pb2_grpc as pb_grpc
 
 SHIFTED_MODEL = SHAPES_MODEL.parent / "tiny-qwen2-vl-shapes-shifted"

@@ -7,7 +7,7 @@ in front of them, and registers each worker with its `rl.control_url`. Then, per
   1. rollouts, straight to the workers over gRPC: prompt ids and raw pixels in, sampled ids and their logprobs out
      (token-in/token-out: the trainer scores exactly the ids the policy saw and sampled, which an OpenAI chat API
      through the gateway would re-render and re-tokenize); one image per prompt, spread over the workers;
-  2. a tiny training step: a few optimizer steps of tinyvlm.finetune from the current checkpoint towards the
+  2. a tiny training step: a few optimizer steps of tinytrain.finetune from the current checkpoint towards the
      "shifted" answers (red -> green, circle -> square, ...), the reward this loop pays for;
   3. a refit of every worker through SMG: inside `smg.rl.paused(...)`, a fan-out of `update_weights_from_disk`
      with the new checkpoint and version (each worker then updates its `weight_version` label in SMG, which
@@ -32,8 +32,8 @@ from harness.gateway import Gateway, launch_gateway
 from harness.prompts import shapes_question
 from harness.processes import SHAPES_MODEL, ServicerProcess, free_port, start_replicas
 from smg.rl import RL, paused
-from tinyvlm import data
-from tinyvlm.finetune import finetune, shifted
+from tinytrain import data
+from tinytrain.finetune import finetune, shifted
 from vlm_proto import vllm_engine_pb2_grpc as pb_grpc
 
 SELECTOR = "rl.group=rollout"  # not `pool`: SMG routes by a worker's `pool` label (a "rollout" pool gets no chat traffic)

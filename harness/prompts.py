@@ -1,10 +1,10 @@
-"""Requests in the trained tiny model's own format (tinyvlm.train's prompt), as a gateway sends them: prompt ids
+"""Requests in the trained tiny model's own format (tinytrain.train's prompt), as a gateway sends them: prompt ids
 with the image's pads expanded, and raw uint8 patches (the servicer advertises mm_device_do_normalize)."""
 
 import torch
 
 from servicer.tensors import encode_tensor
-from tinyvlm import data
+from tinytrain import data
 from vlm_proto import vllm_engine_pb2 as pb
 
 SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"

@@ -13,8 +13,8 @@ import torch
 from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
 
 from tests import second_renderer
-from tinyvlm import data
-from tinyvlm.train import Encoder, score
+from tinytrain import data
+from tinytrain.train import Encoder, score
 
 
 def main() -> None:

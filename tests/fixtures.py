@@ -9,7 +9,7 @@ from servicer.tensors import encode_tensor
 from vlm_proto import common_pb2, vllm_engine_pb2 as pb
 
 # MODEL: random weights, built on first use: the mechanics tests. SHAPES_MODEL: trained, committed: tests of
-# what the model sees. SHIFTED_MODEL: a training step on from it (tinyvlm.finetune, committed): refits.
+# what the model sees. SHIFTED_MODEL: a training step on from it (tinytrain.finetune, committed): refits.
 SHIFTED_MODEL = SHAPES_MODEL.parent / "tiny-qwen2-vl-shapes-shifted"
 # Random weights per registered family, with video, built by `make model` (tinyvlm.build --all).
 FAMILY_MODELS = {f.model_types[0]: ROOT / f.tiny.folder for f in FAMILIES}

@@ -20,7 +20,7 @@ def main() -> None:
     llm = LLM(model=spec["model"], dtype="float32", max_model_len=4096, enforce_eager=True,
               kv_cache_memory_bytes=1 << 30, limit_mm_per_prompt={"image": 8, "video": 0},
               structured_outputs_config=spec["structured_outputs_config"])
-    from tinyvlm import data
+    from tinytrain import data
 
     samples = [s for s, kind, _, _ in data.held_out(spec["seed"], spec["images"]) if kind == "colour"]
     prompts = [TokensPrompt(prompt_token_ids=c["ids"], multi_modal_data={"image": samples[c["sample"]].image})

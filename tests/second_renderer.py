@@ -1,13 +1,13 @@
 """A second, independent way to draw the shapes questions: the evaluation's renderer, never training's.
 
-Written apart from tinyvlm/data.py and kept out of training. It draws with Pillow's own primitives
+Written apart from tinytrain/data.py and kept out of training. It draws with Pillow's own primitives
 (`ellipse`, `regular_polygon`, `rectangle`) on a 4x canvas, optionally with an outline, rotates a
 shape layer with `Image.rotate`, and downsamples with a box filter (anti-aliasing). Backgrounds are
 flat or split in two tones of any hue, kept visibly apart from the shape's colour. The shape's
 circumradius is `scale` x the image's short side, placed anywhere it fits; near scale 0.5 the
 shape's layer is wider than the short side, so a rim is cut off.
 
-Same seed, same images. Answers use tinyvlm's colour and shape names (the task, not the drawing).
+Same seed, same images. Answers use tinytrain's colour and shape names (the task, not the drawing).
 """
 
 import colorsys
@@ -113,8 +113,8 @@ def samples(seed: int, n: int, scale: tuple[float, float] = (0.3, 0.5)) -> list[
 
 
 def held_out(seed: int, n: int):
-    """`n` images, each asked its colour and its shape, as tinyvlm.data.held_out: [(drawn, kind, question, answer)]."""
-    from tinyvlm.data import QUESTIONS  # the questions are the task's, not the drawing's
+    """`n` images, each asked its colour and its shape, as tinytrain.data.held_out: [(drawn, kind, question, answer)]."""
+    from tinytrain.data import QUESTIONS  # the questions are the task's, not the drawing's
 
     return [(d, kind, question, d.colour if kind == "colour" else d.shape)
             for d in samples(seed, n) for kind, question in QUESTIONS.items()]

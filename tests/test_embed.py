@@ -22,7 +22,7 @@ from tests.conftest import _channel, _serve, _start_engine
 from tests.fixtures import ENGINE_ARGS, SHAPES_MODEL, mm_inputs, reference_inputs, request, tensor
 from tests.test_gateway import _launch
 from tests.test_shm import ours_left, shm_tensor
-from tinyvlm import data
+from tinytrain import data
 from vlm_proto import vllm_engine_pb2 as pb, vllm_engine_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.engine

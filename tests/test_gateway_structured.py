@@ -16,7 +16,7 @@ from harness.images import data_url
 from harness.processes import http_json
 from tests.fixtures import SHAPES_MODEL
 from tests.test_gateway import _launch, gateway  # noqa: F401 (gateway: a fixture)
-from tinyvlm import data
+from tinytrain import data
 
 pytestmark = pytest.mark.gateway
 

@@ -15,7 +15,7 @@ import pytest
 
 from tests.fixtures import mm_inputs, request, tensor
 from tests.oracle import Oracle
-from tinyvlm import data
+from tinytrain import data
 from vlm_proto import vllm_engine_pb2 as pb
 
 pytestmark = pytest.mark.engine

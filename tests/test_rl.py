@@ -23,7 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tests.conftest import extra_server
 from tests.fixtures import SHAPES_MODEL, SHIFTED_MODEL, mm_inputs, request
 from tests.oracle import Oracle
-from tinyvlm import data
+from tinytrain import data
 from vlm_proto import vllm_engine_pb2 as pb
 
 pytestmark = pytest.mark.engine

@@ -15,7 +15,7 @@ from harness.processes import http_json
 from smg.rl import RL, paused
 from tests.fixtures import SHAPES_MODEL, SHIFTED_MODEL
 from tests.oracle import Oracle
-from tinyvlm import data
+from tinytrain import data
 
 pytestmark = [pytest.mark.engine, pytest.mark.gateway]
 if smg_executable() is None:

@@ -22,7 +22,7 @@ import pytest
 from tests.conftest import extra_server
 from tests import second_renderer
 from tests.fixtures import ROOT, SHAPES_MODEL, mm_inputs, request
-from tinyvlm import data
+from tinytrain import data
 
 pytestmark = pytest.mark.engine
 EVAL_SEED = 20261123  # training draws from seed 0; these images are new

@@ -10,7 +10,7 @@ import pytest
 
 from tests.conftest import COMPACT_JSON
 from tests.fixtures import ROOT, SHAPES_MODEL, mm_inputs, request
-from tinyvlm import data
+from tinytrain import data
 from vlm_proto import vllm_engine_pb2 as pb
 
 pytestmark = pytest.mark.engine

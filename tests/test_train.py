@@ -11,10 +11,10 @@ import torch
 from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
 from transformers.models.qwen2_vl import modeling_qwen2_vl
 
-from tinyvlm import data
+from tinytrain import data
 from tinyvlm.build import VOCAB_SIZE, build_config, build_image_processor
 from tinyvlm.tokenizer import build_tokenizer
-from tinyvlm.train import (TEXT_OVERRIDES, VISION_OVERRIDES, Encoder, answer_corpus, answer_loss, in_background, patchify,
+from tinytrain.train import (TEXT_OVERRIDES, VISION_OVERRIDES, Encoder, answer_corpus, answer_loss, in_background, patchify,
                            train, training_kernels)
 
 

@@ -65,7 +65,7 @@ EASY_RADIUS, EASY_TURN = (0.36, 0.45), 0.3
 # A shape reads the same after these turns (radians); each is drawn at any angle below its own.
 PERIOD = {"circle": 0.0, "square": math.pi / 2, "triangle": 2 * math.pi / 3, "star": 2 * math.pi / 5,
           "cross": math.pi / 2}
-# The coverage mask a training-only head learns (tinyvlm/train.py VisionProbe): 4-pixel cells.
+# The coverage mask a training-only head learns (tinytrain/train.py VisionProbe): 4-pixel cells.
 MASK_SCALE = 4
 # Anti-aliased drawing: the scene drawn this many times larger, then averaged down.
 SUPERSAMPLE = 4

@@ -2,9 +2,9 @@
 tower included), on a changed answer mapping, so the new weights visibly answer differently.
 
 The mapping shifts each answer to the next word of its list (red -> green, ..., circle -> square, ...), or
-back (`shift=-1`); the data, the prompt and the loss are tinyvlm.train's. Deterministic for a seed.
+back (`shift=-1`); the data, the prompt and the loss are tinytrain.train's. Deterministic for a seed.
 
-    python -m tinyvlm.finetune --src models/tiny-qwen2-vl-shapes --out models/tiny-qwen2-vl-shapes-shifted
+    python -m tinytrain.finetune --src models/tiny-qwen2-vl-shapes --out models/tiny-qwen2-vl-shapes-shifted
 """
 
 import argparse
@@ -16,8 +16,8 @@ import time
 import torch
 from transformers import AutoImageProcessor, AutoTokenizer, Qwen2VLForConditionalGeneration
 
-from tinyvlm.data import COLOURS, SHAPES, batches, held_out
-from tinyvlm.train import Encoder, answer_loss, score, training_kernels
+from tinytrain.data import COLOURS, SHAPES, batches, held_out
+from tinytrain.train import Encoder, answer_loss, score, training_kernels
 
 RECIPE_VERSION = "qwen2-vl-shapes-shifted-1"
 

@@ -14,7 +14,7 @@ but once a grammar has started it, it still reads the image and closes the JSON.
 same config/preprocessor extras as build.py), train_log.jsonl and metrics.json (held-out
 accuracy and top-1/top-2 logprob gaps on fresh images from another seed) into --out.
 
-    python -m tinyvlm.train --out models/tiny-qwen2-vl-trained [--steps N] [--seed S]
+    python -m tinytrain.train --out models/tiny-qwen2-vl-trained [--steps N] [--seed S]
 """
 
 import argparse
@@ -32,7 +32,7 @@ from transformers import Qwen2VLForConditionalGeneration
 from transformers.models.qwen2_vl import modeling_qwen2_vl
 
 from tinyvlm.build import VOCAB_SIZE, build_config, build_image_processor, write_checkpoint
-from tinyvlm.data import ANSWER_WORDS, COLOURS, MASK_SCALE, QUESTIONS, SHAPES, batches, held_out
+from tinytrain.data import ANSWER_WORDS, COLOURS, MASK_SCALE, QUESTIONS, SHAPES, batches, held_out
 from tinyvlm.tokenizer import build_tokenizer
 
 RECIPE_VERSION = "qwen2-vl-shapes-7"
