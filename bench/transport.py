@@ -36,6 +36,7 @@ from transformers import AutoProcessor
 
 from bench.caches import CacheTally
 from bench.side_by_side import cpu_split, start_server
+from bench.transport_report import report
 from engine_adapter.pixels import PixelNorm, prepare_pixels
 from harness.images import noise
 from harness.processes import ENGINE_ARGS, ROOT, free_port, metric
@@ -263,59 +264,6 @@ def breakdown(batch: Batch, transport: str, repeats: int, norm: PixelNorm) -> di
     return {step: statistics.median(ms) for step, ms in steps.items()}
 
 
-def _median(cells: list[dict], key: str) -> float:
-    values = [v for c in cells for v in c.get(key, [])]
-    return statistics.median(values) if values else float("nan")
-
-
-def _merged(cells: list[dict]) -> dict:
-    """One cell's rounds together: medians over every measured call, caches and CPU summed / averaged."""
-    calls = sum(c["calls"] for c in cells)
-    return {"ms": _median(cells, "latencies_ms"), "ingest_ms": _median(cells, "ingest_ms"),
-            "cache": sum((CacheTally.from_dict(c["cache"]) for c in cells), CacheTally()),
-            "codes": sorted({code for c in cells for code in c["codes"]}),
-            "cpu_ms": {k: sum(c["cpu_ms"][k] * c["calls"] for c in cells) / calls for k in cells[0]["cpu_ms"]},
-            "first_ms": _median([c["first"] for c in cells if "first" in c], "latencies_ms")}
-
-
-def report(cells: list[dict], bandwidth: float, args) -> None:
-    keys = list(dict.fromkeys((c["kind"], c.get("cell", ""), c["pixels"], c["images"], c["transport"]) for c in cells))
-    by = {k: {s: _merged([c for c in cells if c["server"] == s
-                          and (c["kind"], c.get("cell", ""), c["pixels"], c["images"], c["transport"]) == k])
-              for s in ("ours", "incumbent") if any(c["server"] == s for c in cells)} for k in keys}
-    fmt = lambda v: f"{v:8.1f}" if v == v else f"{'-':>8s}"  # noqa: E731  (nan: no figure)
-    print(f"\nFrom scratch: every request its own pixels and hash on both servers; median of {args.repeats} x "
-          f"{args.rounds} round(s) after one unmeasured request; max_tokens=1.")
-    print(f"{'pixels':>7} {'images':>6} {'MB':>6} {'transport':>9} | {'ours ms':>8} {'inc ms':>8} {'ratio':>5} | "
-          f"{'ingest ms':>9} {'GB/s':>5} {'memcpy':>6} | {'front ms/req o/i':>16} | {'engine ms/req o/i':>17} | "
-          f"cached/prompt ours, inc")
-    for (kind, _, dtype, n, transport), fig in by.items():
-        if kind != "scratch":
-            continue
-        o, i = fig.get("ours"), fig.get("incumbent")
-        mb = next(c["MB"] for c in cells if c["kind"] == "scratch" and (c["pixels"], c["images"]) == (dtype, n))
-        gbps = mb / 1e3 / (o["ingest_ms"] / 1e3) if o and o["ingest_ms"] == o["ingest_ms"] else float("nan")
-        cpu = lambda part: "/".join(f"{f['cpu_ms'][part]:.1f}" if f else "-" for f in (o, i))  # noqa: E731
-        print(f"{dtype:>7} {n:6d} {mb:6.1f} {transport:>9} | {fmt(o['ms'] if o else float('nan'))} "
-              f"{fmt(i['ms'] if i else float('nan'))} {o['ms'] / i['ms'] if o and i else float('nan'):5.2f} | "
-              f"{o['ingest_ms'] if o else float('nan'):9.1f} {gbps:5.2f} {100 * gbps / bandwidth:5.0f}% | "
-              f"{cpu('front_end'):>16} | {cpu('engine'):>17} | {o['cache'] if o else '-'}, {i['cache'] if i else '-'}")
-    print(f"(memcpy: ingest GB/s over this machine's memcpy, {bandwidth:.1f} GB/s in this run; front = the server's "
-          "process, engine = its vLLM processes, CPU ms per request)")
-    print(f"\nCache cells: uint8 inline; fresh pixels sent once (first), then resent {args.repeats} x {args.rounds} "
-          "round(s); median ms.")
-    print(f"{'images':>6} {'cell':<32} | {'first o/i':>13} | {'ours ms':>8} {'cached/prompt':>14} | "
-          f"{'inc ms':>8} {'cached/prompt':>14} {'inc answer':>10}")
-    for (kind, label, _, n, _), fig in by.items():
-        if kind != "cache":
-            continue
-        o, i = fig.get("ours"), fig.get("incumbent")
-        first = "/".join(f"{f['first_ms']:.0f}" if f else "-" for f in (o, i))
-        print(f"{n:6d} {label:<32} | {first:>13} | {fmt(o['ms'] if o else float('nan'))} {str(o['cache'] if o else '-'):>14} | "
-              f"{fmt(i['ms'] if i else float('nan'))} {str(i['cache'] if i else '-'):>14} "
-              f"{(','.join(i['codes']) or 'OK') if i else '-':>10}")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=MODEL)
@@ -327,7 +275,11 @@ def main() -> None:
     parser.add_argument("--servers", default="ours,incumbent")
     parser.add_argument("--incumbent-venv", default=".venv-incumbent")
     parser.add_argument("--start-timeout", type=float, default=600)
+    parser.add_argument("--report", metavar="JSON", help="print the tables of a saved run (bench/results/transport.json)")
     args = parser.parse_args()
+    if args.report:
+        saved = json.loads(open(args.report).read())
+        return report(saved["cells"], saved["memcpy_GBps"], argparse.Namespace(**saved["args"]))
     batches = {(dtype, n): Batch(n, seed=n, dtype=dtype)
                for dtype in args.pixels.split(",") for n in map(int, args.images.split(","))}
     bandwidth = memcpy_gbps()
