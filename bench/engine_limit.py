@@ -7,9 +7,10 @@ Answers are stdout lines starting with MARK (vLLM logs there too). bench/side_by
 third server, so the limit is measured in the same run, cell by cell
 between the two servicers. Each request is what the servicers receive once their front ends are done: the same
 prompt ids (and, for images, the same pixels as one pre-built multimodal item), greedy, `ignore_eos`,
-output ids only (no detokenization), the final output only. Answers one JSON line per cell: requests, req/s,
-and CPU per request split into this process (driver and vLLM's front end together) and the engine's
-processes.
+output ids only (no detokenization), the final output only; each image request under its own identity, as
+each of the servicers' carries its own pixels. Answers one JSON line per cell: requests, req/s, CPU per request
+split into this process (driver and vLLM's front end together) and the engine's processes, and cached / prompt
+tokens.
 """
 
 import argparse
@@ -25,6 +26,7 @@ from vllm.inputs import tokens_input
 from vllm.sampling_params import RequestOutputKind
 from vllm.v1.engine.async_llm import AsyncLLM
 
+from bench.caches import CacheTally
 from bench.load import image_request, text_request
 from bench.side_by_side import LIMIT_MARK as MARK, SCENARIOS, cpu_split
 from engine_adapter.engine import parse_engine_args
@@ -60,22 +62,29 @@ def _answer(obj: dict) -> None:
     print(MARK + json.dumps(obj), flush=True)
 
 
-async def _run(llm: AsyncLLM, prompts: list, max_tokens: int, concurrency: int, seconds: float, tag: str) -> int:
+async def _run(llm: AsyncLLM, prompts: list, max_tokens: int, concurrency: int, seconds: float,
+               tag: str) -> tuple[int, CacheTally]:
+    """Requests for `seconds`; an image prompt gets a new identity each time (the servicers' requests carry their
+    own pixels), so no request reuses another's encoder output or KV blocks."""
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, detokenize=False,
                             output_kind=RequestOutputKind.FINAL_ONLY)
-    deadline, done = time.monotonic() + seconds, 0
+    deadline, done, tally = time.monotonic() + seconds, 0, CacheTally()
 
     async def worker(w: int) -> None:
         nonlocal done
         n = 0
         while time.monotonic() < deadline:
-            async for _ in llm.generate(prompts[n % len(prompts)], params, f"{tag}-{w}-{n}"):
+            prompt, request_id = prompts[n % len(prompts)], f"{tag}-{w}-{n}"
+            if "mm_hashes" in prompt:
+                prompt = {**prompt, "mm_hashes": {"image": [request_id]}}
+            async for out in llm.generate(prompt, params, request_id):
                 pass
+            tally.add(out.num_cached_tokens or 0, len(out.prompt_token_ids))
             n += 1
             done += 1
 
     await asyncio.gather(*(worker(w) for w in range(concurrency)))
-    return done
+    return done, tally
 
 
 async def serve(args) -> None:
@@ -92,12 +101,12 @@ async def serve(args) -> None:
         cell += 1
         await _run(llm, pools[scenario], max_tokens, c, cmd["warmup"], f"w{cell}")
         before, start = cpu_split(os.getpid()), time.monotonic()
-        count = await _run(llm, pools[scenario], max_tokens, c, cmd["duration"], f"m{cell}")
+        count, tally = await _run(llm, pools[scenario], max_tokens, c, cmd["duration"], f"m{cell}")
         wall, after = time.monotonic() - start, cpu_split(os.getpid())
         # This process is both the driver and vLLM's front end: its CPU is reported as the front end's.
         cpu = {"front_end": 1e3 * (after["front_end"] - before["front_end"]) / max(count, 1),
                "engine": 1e3 * (after["engine"] - before["engine"]) / max(count, 1), "client": 0.0}
-        _answer({"count": count, "rps": count / wall, "cpu_ms_per_request": cpu})
+        _answer({"count": count, "rps": count / wall, "cpu_ms_per_request": cpu, "cache": tally.as_dict()})
     llm.shutdown()
 
 

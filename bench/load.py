@@ -174,10 +174,12 @@ def go_code_name(code: grpc.StatusCode) -> str:
     return "OK" if code is grpc.StatusCode.OK else "".join(p.capitalize() for p in code.name.split("_"))
 
 
-async def run_load(cfg: LoadConfig, request_bytes: Callable[[str, int], bytes] | None = None) -> dict:
+async def run_load(cfg: LoadConfig, request_bytes: Callable[[str, int], bytes] | None = None,
+                   on_response: Callable[[bytes], None] | None = None) -> dict:
     """Drive `cfg.concurrency` workers over `cfg.connections` channels; return ghz's report as a dict.
 
-    `request_bytes(worker_id, request_number)` overrides the config's data (serialized requests)."""
+    `request_bytes(worker_id, request_number)` overrides the config's data (serialized requests);
+    `on_response(message)` gets the last response message of every call that succeeded, still serialized."""
     call = Call(cfg)
     make = request_bytes or call.request_bytes
     options = [("grpc.max_send_message_length", MAX_MESSAGE), ("grpc.max_receive_message_length", MAX_MESSAGE)]
@@ -194,11 +196,14 @@ async def run_load(cfg: LoadConfig, request_bytes: Callable[[str, int], bytes] |
         try:
             rpc = stub(make(worker, number), timeout=cfg.timeout or None, metadata=md or None)
             if call.streaming:
-                async for _ in rpc:
+                last = b""
+                async for last in rpc:
                     pass
             else:
-                await rpc
+                last = await rpc
             results.append(Result(time.perf_counter() - t0, "OK", ""))
+            if on_response is not None:
+                on_response(last)
         except grpc.aio.AioRpcError as e:
             name = go_code_name(e.code())
             results.append(Result(time.perf_counter() - t0, name, f"rpc error: code = {name} desc = {e.details()}"))

@@ -3,9 +3,12 @@
 An N-turn conversation, one new image per turn, the whole history resent as token
 ids every turn (as RL rollouts do). Reports per turn: request bytes on the wire,
 servicer-side decode time (validation, tensor decode, hashing, store), end-to-end
-latency, and cached_tokens / prompt_tokens; and bytes per rollout.
+latency, and cached_tokens / prompt_tokens; and bytes per rollout. One unmeasured
+rollout warms the engine; then the two modes alternate (A B, B A) over --rounds, each
+rollout on fresh images from an empty prefix cache. Both modes send the same ids, so
+both get the same prefix-cache hits (shown); they differ in the bytes they send.
 
-    .venv/bin/python -m bench.rollout [--turns 8] [--size 448] [--max-tokens 16]
+    .venv/bin/python -m bench.rollout [--turns 8] [--size 448] [--max-tokens 16] [--rounds 2]
 """
 
 import argparse
@@ -13,6 +16,7 @@ import asyncio
 import json
 import os
 import pathlib
+import statistics
 import time
 
 import grpc
@@ -104,6 +108,18 @@ def _report(name: str, rows: list[dict]) -> None:
               f"  {r['cached_tokens']:5d}/{r['prompt_tokens']:<5d} ({r['cached_tokens'] / r['prompt_tokens']:.0%})")
 
 
+def _summary(results: dict[str, list[list[dict]]]) -> None:
+    """Per mode and turn, the median over rounds of decode and latency; cached / prompt tokens of round 1."""
+    print(f"\nmedians over {len(next(iter(results.values())))} round(s), per turn:")
+    for name, rounds in results.items():
+        turns = zip(*rounds)
+        med = [(statistics.median(r["decode_ms"] for r in t), statistics.median(r["latency_ms"] for r in t), t[0])
+               for t in turns]
+        print(f"{name:>18s}: decode ms " + " ".join(f"{d:.1f}" for d, _, _ in med)
+              + " | latency ms " + " ".join(f"{lat:.0f}" for _, lat, _ in med)
+              + " | cached/prompt " + " ".join(f"{r['cached_tokens'] / r['prompt_tokens']:.0%}" for _, _, r in med))
+
+
 async def main_async(args) -> None:
     from engine_adapter.engine import parse_engine_args, start_engine
     from servicer.config import ServerConfig
@@ -126,12 +142,17 @@ async def main_async(args) -> None:
     limit = [("grpc.max_send_message_length", 1 << 30), ("grpc.max_receive_message_length", 1 << 30)]
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}", options=limit) as channel:
         stub = pb_grpc.VllmEngineStub(channel)
-        results = {}
-        for seed, (name, by_ref) in enumerate((("resend pixels", False), ("reference by hash", True))):
-            await stub.FlushCache(common_pb2.FlushCacheRequest(timeout_s=5))
-            results[name] = await run_rollout(stub, server, args, by_ref, seed)
-            _report(name, results[name])
-    resend, ref = (sum(r["wire_bytes"] for r in results[k]) for k in results)
+        modes = (("resend pixels", False), ("reference by hash", True))
+        # Not measured: one whole rollout first, so neither mode pays for the engine's first requests.
+        await run_rollout(stub, server, args, False, seed=1000)
+        results = {name: [] for name, _ in modes}
+        for round_ in range(args.rounds):  # A B, B A, ...: each mode on fresh images, from an empty prefix cache
+            for name, by_ref in (modes if round_ % 2 == 0 else modes[::-1]):
+                await stub.FlushCache(common_pb2.FlushCacheRequest(timeout_s=5))
+                results[name].append(await run_rollout(stub, server, args, by_ref, seed=2 * round_ + by_ref))
+                _report(f"{name}, round {round_ + 1}", results[name][-1])
+    _summary(results)
+    resend, ref = (sum(r["wire_bytes"] for r in results[k][0]) for k in results)
     print(f"\nbytes per rollout, reference / resend: {ref / resend:.3f}  ({args.turns} turns, {args.size}x{args.size} uint8 images)")
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
@@ -146,6 +167,7 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=8)
     parser.add_argument("--size", type=int, default=448)
     parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=2, help="rollouts per mode, the order alternating (A B, B A)")
     args = parser.parse_args()
     os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))

@@ -8,9 +8,12 @@ once with no engine, bench/grpc_floor.py).
 Every server gets the same vLLM engine flags and the same requests: SMG's form (expanded ids, pad-only
 placeholder range, per-image hash, layout keys; uint8 pixels when the server reports
 mm_device_do_normalize), greedy with ignore_eos so all generate exactly max_tokens; the servicers must
-return the same tokens. Each round starts one server at a time, alone on the machine, the order alternating
-round by round (A B C, C B A, ...), and runs the bench.load driver over every scenario and concurrency, a
-fixed time after a warm-up. Per cell: req/s, latency, and CPU per request split front end / engine / client.
+return the same tokens. Text requests are the same ids every time on every server; each image request carries
+pixels (and so a hash) of its own, so no server reuses an encoder output or KV block across requests, and an
+image cell with a cached token fails. Each round starts one server at a time, alone on the machine, the order
+alternating round by round (A B C, C B A, ...), and runs the bench.load driver over every scenario and
+concurrency, a fixed time after a warm-up (not counted). Per cell: req/s, latency, CPU per request split front
+end / engine / client, and cached / prompt tokens.
 `--all-up` instead keeps every server up and loads them in turn, cell by cell (on 2 cores, an idle
 neighbour's engine weighs on the loaded one). Writes bench/results/side_by_side.json.
 """
@@ -18,6 +21,7 @@ neighbour's engine weighs on the loaded one). Writes bench/results/side_by_side.
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import pathlib
@@ -29,6 +33,7 @@ import time
 
 import grpc
 
+from bench.caches import CacheTally, make_distinct
 from bench.load import LoadConfig, image_request, run_load, text_request
 from harness.images import image
 from harness.processes import ENGINE_ARGS, ROOT, ServerProcess, ServicerProcess, free_port
@@ -99,11 +104,14 @@ class EngineLimit:
 
 
 class Requests:
-    """Per-scenario request pools (text: one prompt; image: `images` distinct 112x112 images)."""
+    """Per-scenario requests. Text: one prompt, the same ids in every request on every server. Image: a pool of
+    112x112 images, each request made distinct (bench.caches.make_distinct), so no server reuses an encoder
+    output or a KV block across requests."""
 
     def __init__(self, processor, images: int, raw_uint8: bool):
         tok = processor.tokenizer
         self.pools = {}
+        self.serials = itertools.count(1)  # across every cell of this server, warm-ups included
         for scenario, (kind, max_tokens) in SCENARIOS.items():
             if kind == "text":
                 self.pools[scenario] = [text_request(tok, "What is the capital of France?", max_tokens)]
@@ -112,12 +120,14 @@ class Requests:
                                                       raw_uint8=raw_uint8) for seed in range(images)]
 
     def factory(self, scenario: str, prefix: str):
-        pool = self.pools[scenario]
+        pool, distinct = self.pools[scenario], SCENARIOS[scenario][0] == "image"
 
         def request_bytes(worker: str, number: int) -> bytes:
             req = pb.GenerateRequest()
             req.CopyFrom(pool[number % len(pool)])
             req.request_id = f"{prefix}-{number}"
+            if distinct:
+                make_distinct(req, next(self.serials))
             return req.SerializeToString()
         return request_bytes
 
@@ -174,24 +184,31 @@ async def measure_cell(server, requests: Requests, name: str, scenario: str, c: 
     """A warm-up at the same load, then `args.duration` seconds measured; ghz's figures, and CPU per request."""
     if isinstance(server, EngineLimit):
         report = await server.measure(scenario, c, args)
-        cpu = report["cpu_ms_per_request"]
+        cpu, tally = report["cpu_ms_per_request"], CacheTally.from_dict(report["cache"])
         print(f"  {name:9s} {scenario:20s} c={c:<3d} {report['count']:6d} calls {report['rps']:8.1f} rps  "
-              f"cpu ms/req front+driver {cpu['front_end']:.2f} engine {cpu['engine']:.2f}", flush=True)
+              f"cpu ms/req front+driver {cpu['front_end']:.2f} engine {cpu['engine']:.2f}  cached/prompt {tally}",
+              flush=True)
+        if SCENARIOS[scenario][0] == "image":
+            tally.require_none(f"{name}, {scenario}, c={c}")
         return report
     tag = f"{name}-{SCENARIOS[scenario][0]}{SCENARIOS[scenario][1]}-c{c}-r{round_}"
     cfg = LoadConfig(call=CALL, host=server.host, concurrency=c, duration=args.warmup, duration_stop="wait", timeout=120)
     await run_load(cfg, requests.factory(scenario, f"{tag}-warmup"))
     cfg.duration = args.duration
+    tally = CacheTally()
     before = cpu_split(server.proc.pid)
-    report = await run_load(cfg, requests.factory(scenario, tag))
+    report = await run_load(cfg, requests.factory(scenario, tag), tally.add_message)
     after = cpu_split(server.proc.pid)
     report.pop("histogram")
     report["cpu_ms_per_request"] = {k: 1e3 * (after[k] - before[k]) / max(report["count"], 1) for k in after}
+    report["cache"] = tally.as_dict()
     lat, cpu = report["latency_distribution"], report["cpu_ms_per_request"]
     print(f"  {name:9s} {scenario:20s} c={c:<3d} {report['count']:6d} calls {report['rps']:8.1f} rps  "
           f"p50 {lat.get('p50', 0) * 1e3:7.1f} ms  p99 {lat.get('p99', 0) * 1e3:7.1f} ms  "
           f"cpu ms/req front {cpu['front_end']:.2f} engine {cpu['engine']:.2f} client {cpu['client']:.2f}  "
-          f"errors {sum(report['error_distribution'].values())}", flush=True)
+          f"cached/prompt {tally}  errors {sum(report['error_distribution'].values())}", flush=True)
+    if SCENARIOS[scenario][0] == "image":
+        tally.require_none(f"{name}, {scenario}, c={c}")
     return report
 
 
@@ -298,6 +315,25 @@ def report(runs: dict, args) -> None:
                   f"{_ratio(cpu['ours']['front_end'], cpu['inc']['front_end']) if both else '-':>7s} | "
                   f"{limit_split:>11s} | "
                   f"{cpu['floor']['front_end'] if 'floor' in cpu else float('nan'):7.2f}")
+    cache_table(runs, args)
+
+
+# What each scenario's requests share, on every server alike.
+INPUTS = {"text": "the same ids in every request, on every server (shorter than one 128-token KV block)",
+          "image": "each request its own pixels and hash, on every server"}
+
+
+def cache_table(runs: dict, args) -> None:
+    """Cached / prompt tokens per cell, summed over the rounds' measured requests, for each server."""
+    names = [n for n in ("ours", "incumbent", "limit", "floor") if n in runs]
+    print("\nWhat the caches did: cached / prompt tokens over each cell's measured requests (all rounds).")
+    print(f"{'scenario':20s} {'c':>3s} | " + " | ".join(f"{n:>17s}" for n in names) + " | inputs")
+    for scenario in SCENARIOS:
+        for c in args.concurrency:
+            tallies = [sum((CacheTally.from_dict(r["cache"]) for r in runs[n]["results"][scenario][c]), CacheTally())
+                       for n in names]
+            print(f"{scenario:20s} {c:3d} | " + " | ".join(f"{str(t):>17s}" for t in tallies)
+                  + f" | {INPUTS[SCENARIOS[scenario][0]]}")
 
 
 def main() -> None:
@@ -314,7 +350,8 @@ def main() -> None:
     parser.add_argument("--all-up", action="store_true",
                         help="start every server once and load them in turn, cell by cell (default: one server up at "
                              "a time, restarted each round; on 2 cores an idle neighbour's engine skews the figures)")
-    parser.add_argument("--images", type=int, default=16, help="distinct images cycled through in the image scenario")
+    parser.add_argument("--images", type=int, default=16,
+                        help="base images of the image scenario (every request still gets its own pixels)")
     parser.add_argument("--start-timeout", type=float, default=300.0)
     args = parser.parse_args()
     names = args.servers.split(",")
