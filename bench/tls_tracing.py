@@ -31,6 +31,7 @@ import time
 import grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
+from bench.caches import CacheTally
 from tests.certs import Authority  # certificates made on the fly (the cryptography package)
 from vlm_proto import vllm_engine_pb2 as pb, vllm_engine_pb2_grpc as pb_grpc
 
@@ -97,8 +98,10 @@ class Servicer:
         self.log.close()
 
 
-async def _drive(stub, seconds: float, concurrency: int, max_tokens: int, traced: bool) -> list[float]:
-    """Calls back to back from `concurrency` workers for `seconds`; the latency of each successful one."""
+async def _drive(stub, seconds: float, concurrency: int, max_tokens: int, traced: bool,
+                 tally: CacheTally | None = None) -> list[float]:
+    """Calls back to back from `concurrency` workers for `seconds`; the latency of each successful one, and each
+    answer's cached / prompt tokens into `tally`."""
     latencies: list[float] = []
     deadline = time.monotonic() + seconds
     sampling = pb.SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
@@ -108,8 +111,9 @@ async def _drive(stub, seconds: float, concurrency: int, max_tokens: int, traced
             metadata = (("traceparent", f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"),) if traced else ()
             start = time.monotonic()
             request = pb.GenerateRequest(tokenized=pb.TokenizedInput(input_ids=PROMPT), sampling_params=sampling)
-            async for _ in stub.Generate(request, metadata=metadata, timeout=60):
-                pass
+            async for response in stub.Generate(request, metadata=metadata, timeout=60):
+                if tally is not None and response.HasField("complete"):
+                    tally.add(response.complete.cached_tokens, response.complete.prompt_tokens)
             latencies.append(time.monotonic() - start)
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -130,12 +134,15 @@ async def measure(cell: str, pki: dict, otlp: str, args) -> dict:
             traced = "tracing" in cell
             await _drive(stub, args.warmup, args.concurrency, args.max_tokens, traced)
             cpu, wall = _cpu_seconds(server.proc.pid), time.monotonic()
-            latencies = await _drive(stub, args.duration, args.concurrency, args.max_tokens, traced)
+            tally = CacheTally()
+            latencies = await _drive(stub, args.duration, args.concurrency, args.max_tokens, traced, tally)
             cpu, wall = _cpu_seconds(server.proc.pid) - cpu, time.monotonic() - wall
+        # Every cell sends the same prompt, shorter than one KV block: nothing can be cached, in any cell.
+        tally.require_none(cell)
         result = {"calls": len(latencies), "rps": len(latencies) / wall, "p50_ms": 1e3 * statistics.median(latencies),
-                  "cpu_ms_per_request": 1e3 * cpu / max(len(latencies), 1)}
+                  "cpu_ms_per_request": 1e3 * cpu / max(len(latencies), 1), "cache": tally.as_dict()}
         print(f"  {cell:13s} {result['calls']:6d} calls {result['rps']:7.1f} req/s  p50 {result['p50_ms']:6.1f} ms  "
-              f"servicer CPU {result['cpu_ms_per_request']:.3f} ms/req", flush=True)
+              f"servicer CPU {result['cpu_ms_per_request']:.3f} ms/req  cached/prompt {tally}", flush=True)
         return result
     finally:
         server.stop()
@@ -161,10 +168,11 @@ async def main_async(args) -> dict:
     finally:
         await otlp_server.stop(0)
     print(f"\nspans received: {receiver.spans}\n")
-    print("| cell | req/s | p50 ms | servicer CPU ms/request |\n|---|---|---|---|")
+    print("| cell | req/s | p50 ms | servicer CPU ms/request | cached / prompt tokens |\n|---|---|---|---|---|")
     for cell, runs in results.items():
         rps, p50, cpu = (statistics.median(r[k] for r in runs) for k in ("rps", "p50_ms", "cpu_ms_per_request"))
-        print(f"| {cell} | {rps:.0f} | {p50:.1f} | {cpu:.3f} |")
+        cache = sum((CacheTally.from_dict(r["cache"]) for r in runs), CacheTally())
+        print(f"| {cell} | {rps:.0f} | {p50:.1f} | {cpu:.3f} | {cache} |")
     return {"args": vars(args), "spans_received": receiver.spans, "cells": results}
 
 
