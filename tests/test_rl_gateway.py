@@ -100,10 +100,27 @@ async def test_refit_through_smg_serves_the_new_weights_on_every_worker(cluster,
         assert result.succeeded == result.total == 2, result
         print(f"\nrefit through SMG: {[(r.status, r.latency_ms, r.body.get('seconds')) for r in result.results.values()]}")
 
-        for _ in range(2):  # round robin: one per worker, the image each had cached
+        # The image each worker had cached, until both have answered it once. Which worker answers is read from
+        # their own counters, not assumed: SMG's round robin sent two in a row to one worker once, right after a
+        # worker's relabel (a PATCH) that follows every refit. A worker's first answer must reuse nothing;
+        # a later one may reuse blocks its first computed under the new weights.
+        first_after: dict[int, dict] = {}
+        order = []
+        for _ in range(8):
+            before = [w.served() for w in cluster.workers]
             answer = await asyncio.to_thread(_chat, gw, image_text, sample.image)
-            assert _cached(answer) == 0, f"a prefix block computed by the old weights was served: {answer['usage']}"
+            # A worker counts a call once its stream has ended, which may be just after SMG has answered.
+            await _until(lambda: sum(w.served() for w in cluster.workers) > sum(before), "the chat in a worker's count")
+            [worker] = [i for i, (w, b) in enumerate(zip(cluster.workers, before)) if w.served() > b]
+            order.append((worker, _cached(answer)))
+            if worker not in first_after:
+                first_after[worker] = answer
+                assert _cached(answer) == 0, f"a prefix block computed by the old weights was served: {answer['usage']}"
             _check(answer, shifted_oracle, image_text, sample.image)
+            if len(first_after) == 2:
+                break
+        assert sorted(first_after) == [0, 1], f"SMG sent every chat to worker {list(first_after)}"
+        print(f"image chats after the refit, (worker, cached tokens): {order}")
         for _ in range(2):
             _check(await asyncio.to_thread(_chat, gw, text), shifted_oracle, text)
         print(f"the image's colour is {sample.colour}; the gateway answered {answers[0]['choices'][0]['message']['content']!r} "
@@ -136,6 +153,9 @@ async def test_smg_forwards_bad_control_calls_as_the_workers_4xx(cluster):
 
 
 def test_rl_loop_example_runs_three_steps_on_policy(cluster, tmp_path):
+    # The loop starts from the default checkpoint, whatever an earlier test left on the shared workers.
+    versions, _ = rl_loop.refit(cluster.gateway, cluster.key, SHAPES_MODEL, "default")
+    assert sorted(versions.values()) == ["default", "default"], versions
     reports = rl_loop.run(cluster, tmp_path, steps=3, train_steps=8)  # a few steps: the weights change, which is the point
     previous = "default"
     for report in reports:
