@@ -31,10 +31,15 @@ REPLICA_ENGINE_ARGS = engine_args(1 << 29)  # several engines share a host: half
 HTTP_TIMEOUT_S = 300.0
 
 
+_HANDED_OUT: set[int] = set()  # every port free_port has returned in this process
+
+
 def free_port(span: int = 1) -> int:
     """A free loopback port P, with P + 1 .. P + span - 1 free too (vLLM's rank r binds a configured port + r),
     below the kernel's ephemeral range: a server binds its ports only once its engine is up, and meanwhile
-    vLLM and UCX bind ephemeral ports of their own; one of those must never take it."""
+    vLLM and UCX bind ephemeral ports of their own; one of those must never take it. Nor may another of our
+    own picks: a port is free only until its process binds it, so two calls before that could return the same
+    one (the likeliest cause of a replica's control port found taken once), so no port is handed out twice."""
     try:
         low = int(pathlib.Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     except (OSError, ValueError, IndexError):
@@ -42,12 +47,15 @@ def free_port(span: int = 1) -> int:
     rng = random.SystemRandom()
     while True:
         port = rng.randrange(10_000, max(10_001, low - span))
+        if _HANDED_OUT.intersection(range(port, port + span)):
+            continue
         try:
             for p in range(port, port + span):
                 with socket.socket() as s:
                     s.bind(("127.0.0.1", p))
         except OSError:
             continue
+        _HANDED_OUT.update(range(port, port + span))
         return port
 
 
