@@ -5,6 +5,7 @@ done from scratch sends each request its own pixels (and so its own identity on 
 answers to zero cached tokens; a cell where a cache helps says so and shows the counts beside its figures."""
 
 import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from vlm_proto import vllm_engine_pb2 as pb
@@ -29,10 +30,13 @@ class CacheTally:
         self.cached_tokens += cached
         self.hits += cached > 0
 
+    def add_complete(self, done: pb.GenerateComplete) -> None:
+        """A call's `complete` message."""
+        self.add(done.cached_tokens, done.prompt_tokens)
+
     def add_message(self, raw: bytes) -> None:
         """A serialized GenerateResponse, the last of a call (its `complete`)."""
-        done = pb.GenerateResponse.FromString(raw).complete
-        self.add(done.cached_tokens, done.prompt_tokens)
+        self.add_complete(pb.GenerateResponse.FromString(raw).complete)
 
     def __add__(self, other: "CacheTally") -> "CacheTally":
         return CacheTally(self.responses + other.responses, self.prompt_tokens + other.prompt_tokens,
@@ -50,6 +54,11 @@ class CacheTally:
     @classmethod
     def from_dict(cls, d: dict) -> "CacheTally":
         return cls(d["responses"], d["prompt_tokens"], d["cached_tokens"], d["responses_with_cached_tokens"])
+
+    @classmethod
+    def total(cls, saved: Iterable[dict]) -> "CacheTally":
+        """The sum of tallies saved with as_dict (a cell's rounds, say)."""
+        return sum((cls.from_dict(d) for d in saved), cls())
 
     def as_dict(self) -> dict:
         return {"responses": self.responses, "prompt_tokens": self.prompt_tokens,

@@ -38,8 +38,7 @@ def first_answer(host: str, processor, seed: int, tally: CacheTally | None = Non
         responses = list(pb_grpc.VllmEngineStub(channel).Generate(request, timeout=600))
     elapsed = time.monotonic() - started
     if tally is not None:
-        done = responses[-1].complete
-        tally.add(done.cached_tokens, done.prompt_tokens)
+        tally.add_complete(responses[-1].complete)
     return elapsed
 
 

@@ -188,9 +188,16 @@ async def measure_cell(server, requests: Requests, name: str, scenario: str, c: 
         print(f"  {name:9s} {scenario:20s} c={c:<3d} {report['count']:6d} calls {report['rps']:8.1f} rps  "
               f"cpu ms/req front+driver {cpu['front_end']:.2f} engine {cpu['engine']:.2f}  cached/prompt {tally}",
               flush=True)
-        if SCENARIOS[scenario][0] == "image":
-            tally.require_none(f"{name}, {scenario}, c={c}")
-        return report
+    else:
+        report, tally = await _load_servicer(server, requests, name, scenario, c, args, round_)
+    if SCENARIOS[scenario][0] == "image":
+        tally.require_none(f"{name}, {scenario}, c={c}")
+    return report
+
+
+async def _load_servicer(server, requests: Requests, name: str, scenario: str, c: int, args,
+                         round_: int) -> tuple[dict, CacheTally]:
+    """The bench.load driver against a gRPC server: its report with CPU per request, and the cell's caches."""
     tag = f"{name}-{SCENARIOS[scenario][0]}{SCENARIOS[scenario][1]}-c{c}-r{round_}"
     cfg = LoadConfig(call=CALL, host=server.host, concurrency=c, duration=args.warmup, duration_stop="wait", timeout=120)
     await run_load(cfg, requests.factory(scenario, f"{tag}-warmup"))
@@ -207,9 +214,7 @@ async def measure_cell(server, requests: Requests, name: str, scenario: str, c: 
           f"p50 {lat.get('p50', 0) * 1e3:7.1f} ms  p99 {lat.get('p99', 0) * 1e3:7.1f} ms  "
           f"cpu ms/req front {cpu['front_end']:.2f} engine {cpu['engine']:.2f} client {cpu['client']:.2f}  "
           f"cached/prompt {tally}  errors {sum(report['error_distribution'].values())}", flush=True)
-    if SCENARIOS[scenario][0] == "image":
-        tally.require_none(f"{name}, {scenario}, c={c}")
-    return report
+    return report, tally
 
 
 async def exercise(servers: dict, args, rounds: range) -> dict:
@@ -330,8 +335,7 @@ def cache_table(runs: dict, args) -> None:
     print(f"{'scenario':20s} {'c':>3s} | " + " | ".join(f"{n:>17s}" for n in names) + " | inputs")
     for scenario in SCENARIOS:
         for c in args.concurrency:
-            tallies = [sum((CacheTally.from_dict(r["cache"]) for r in runs[n]["results"][scenario][c]), CacheTally())
-                       for n in names]
+            tallies = [CacheTally.total(r["cache"] for r in runs[n]["results"][scenario][c]) for n in names]
             print(f"{scenario:20s} {c:3d} | " + " | ".join(f"{str(t):>17s}" for t in tallies)
                   + f" | {INPUTS[SCENARIOS[scenario][0]]}")
 

@@ -113,7 +113,7 @@ async def _drive(stub, seconds: float, concurrency: int, max_tokens: int, traced
             request = pb.GenerateRequest(tokenized=pb.TokenizedInput(input_ids=PROMPT), sampling_params=sampling)
             async for response in stub.Generate(request, metadata=metadata, timeout=60):
                 if tally is not None and response.HasField("complete"):
-                    tally.add(response.complete.cached_tokens, response.complete.prompt_tokens)
+                    tally.add_complete(response.complete)
             latencies.append(time.monotonic() - start)
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -171,7 +171,7 @@ async def main_async(args) -> dict:
     print("| cell | req/s | p50 ms | servicer CPU ms/request | cached / prompt tokens |\n|---|---|---|---|---|")
     for cell, runs in results.items():
         rps, p50, cpu = (statistics.median(r[k] for r in runs) for k in ("rps", "p50_ms", "cpu_ms_per_request"))
-        cache = sum((CacheTally.from_dict(r["cache"]) for r in runs), CacheTally())
+        cache = CacheTally.total(r["cache"] for r in runs)
         print(f"| {cell} | {rps:.0f} | {p50:.1f} | {cpu:.3f} | {cache} |")
     return {"args": vars(args), "spans_received": receiver.spans, "cells": results}
 

@@ -175,7 +175,7 @@ def _tally(rows: list[dict]) -> CacheTally:
     tally = CacheTally()
     for r in rows:
         if "complete" in r:
-            tally.add(r["complete"].cached_tokens, r["complete"].prompt_tokens)
+            tally.add_complete(r["complete"])
     return tally
 
 

@@ -21,7 +21,7 @@ def merged(cells: list[dict]) -> dict | None:
     return {"ms": _median([v for c in cells for v in c["latencies_ms"]]),
             "rounds_ms": [_median(c["latencies_ms"]) for c in cells],
             "ingest_ms": _median([v for c in cells for v in c.get("ingest_ms", [])]),
-            "cache": sum((CacheTally.from_dict(c["cache"]) for c in cells), CacheTally()),
+            "cache": CacheTally.total(c["cache"] for c in cells),
             "codes": sorted({code for c in cells for code in c["codes"]}),
             "cpu_ms": {k: sum(c["cpu_ms"][k] * c["calls"] for c in cells) / calls for k in cells[0]["cpu_ms"]},
             "first_ms": _median([v for c in cells if "first" in c for v in c["first"]["latencies_ms"]])}

@@ -25,7 +25,16 @@ def test_tallies_add_and_round_trip_through_the_saved_json():
     total = a + b
     assert (total.responses, total.prompt_tokens, total.cached_tokens, total.hits) == (2, 30, 5, 1)
     assert CacheTally.from_dict(total.as_dict()) == total
+    assert CacheTally.total([a.as_dict(), b.as_dict()]) == total
     assert str(total) == "5/30"
+
+
+def test_a_calls_complete_message_is_counted_the_same_whether_parsed_or_not():
+    done = pb.GenerateComplete(prompt_tokens=300, cached_tokens=128)
+    parsed, raw = CacheTally(), CacheTally()
+    parsed.add_complete(done)
+    raw.add_message(pb.GenerateResponse(complete=done).SerializeToString())
+    assert parsed == raw == CacheTally(responses=1, prompt_tokens=300, cached_tokens=128, hits=1)
 
 
 def test_distinct_requests_get_their_own_pixels_and_the_hash_of_those_pixels():
