@@ -29,11 +29,9 @@ def guard(rpc):
     async def wrapper(self, request, context):
         try:
             return await rpc(self, request, context)
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, grpc.aio.AbortError):  # already the call's end, or already its status
             raise
         except Exception as exc:
-            if isinstance(exc, grpc.aio.AbortError):
-                raise
             await fail(context, exc, rpc.__name__)
 
     return wrapper
@@ -48,11 +46,9 @@ def guard_stream(rpc):
             async with contextlib.aclosing(rpc(self, request, context)) as responses:
                 async for response in responses:
                     yield response
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, grpc.aio.AbortError):  # already the call's end, or already its status
             raise
         except Exception as exc:
-            if isinstance(exc, grpc.aio.AbortError):
-                raise
             await fail(context, exc, f"{rpc.__name__} {getattr(request, 'request_id', '')}".rstrip())
 
     return wrapper

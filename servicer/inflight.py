@@ -53,9 +53,10 @@ class Admission:
             remaining = context.time_remaining()
             state.code = "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
             raise
+        except grpc.aio.AbortError:  # the call already has its status, from where it aborted
+            raise
         except Exception as exc:
-            if not isinstance(exc, grpc.aio.AbortError):
-                state.code = status_for(exc)[0].name
+            state.code = status_for(exc)[0].name
             raise
         finally:
             if self.in_flight.get(state.request_id) is state:
